@@ -1,0 +1,203 @@
+"""LIBERO (robosuite + MuJoCo) as a gymnasium environment, set up exactly as openpi evaluates Pi0.5.
+
+openpi: examples/libero/main.py. Per episode: seed, `env.reset()`, `set_init_state(init_states[k])`,
+`settle_steps` no-op steps with the gripper open (not counted), then up to `max_steps` policy steps;
+success is LIBERO's `done`. The policy sees both camera frames rotated 180 degrees and resized with pad
+to 224, the 8-D state (eef position, eef axis-angle, gripper qpos) and `task.language`.
+
+Only LIBERO's upstream API is used (`libero.libero.benchmark`, `libero.libero.envs.OffScreenRenderEnv`),
+so any LIBERO install works. robosuite is imported lazily, after the OpenGL backend is chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from envs.images import resize_with_pad, upright
+from envs.rendering import select_gl_backend
+from envs.suites import check_task_id, get_suite
+
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open
+
+
+def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
+    """robosuite's (x, y, z, w) quaternion to an axis-angle vector, as openpi's LIBERO example computes it."""
+    w = min(max(float(quat_xyzw[3]), -1.0), 1.0)
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat_xyzw[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
+
+
+class LiberoEnv(gym.Env):
+    """One LIBERO task. `reset(options={"init_state_id": k})` starts from the task's k-th fixed initial state.
+
+    `options` may also carry `task_id` to switch this environment to another task of its suite (the
+    simulator is rebuilt), which lets a pool of worker processes run every task of a suite.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        suite: str = "libero_spatial",
+        task_id: int = 0,
+        camera_size: int = 256,
+        image_size: int = 224,
+        settle_steps: int = 10,
+        max_steps: int | None = None,
+        seed: int = 7,
+        render_mode: str | None = "rgb_array",
+    ):
+        self.suite = get_suite(suite).name
+        check_task_id(self.suite, task_id)
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
+        if camera_size <= 0 or image_size <= 0:
+            raise ValueError(f"camera_size and image_size must be positive, got {camera_size} and {image_size}")
+        self.camera_size = int(camera_size)
+        self.image_size = int(image_size)
+        self.settle_steps = int(settle_steps)
+        self.max_steps = int(max_steps) if max_steps is not None else get_suite(self.suite).max_steps
+        if self.max_steps <= 0 or self.settle_steps < 0:
+            raise ValueError(f"max_steps must be > 0 and settle_steps >= 0, got {self.max_steps}, {self.settle_steps}")
+        self.default_seed = int(seed)
+        self.render_mode = render_mode
+
+        img = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
+        self.observation_space = spaces.Dict(
+            {"image": img, "wrist_image": img, "state": spaces.Box(-np.inf, np.inf, (8,), np.float32)}
+        )
+        self.action_space = spaces.Box(-1.0, 1.0, (7,), np.float32)
+
+        select_gl_backend()
+        from libero.libero import benchmark
+
+        self._benchmark = benchmark.get_benchmark_dict()[self.suite]()
+        self._sim = None  # LIBERO's OffScreenRenderEnv, built for self.task_id
+        self.task_id = -1
+        self._load_task(int(task_id))
+        self.init_state_id = 0
+        self._step = 0
+        self._raw: dict[str, np.ndarray] | None = None
+
+    # ----- task switching -------------------------------------------------------------------------
+    def _load_task(self, task_id: int) -> None:
+        check_task_id(self.suite, task_id)
+        if task_id == self.task_id and self._sim is not None:
+            return
+        from libero.libero import get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+
+        self._close_sim()
+        task = self._benchmark.get_task(task_id)
+        bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        self._sim = OffScreenRenderEnv(
+            bddl_file_name=bddl,
+            camera_heights=self.camera_size,
+            camera_widths=self.camera_size,
+            # robosuite refuses to step past its horizon; keep it beyond anything we run.
+            horizon=self.settle_steps + self.max_steps + 10,
+        )
+        self.task_id = task_id
+        self.task = task.language  # what openpi sends as the prompt (not env.language_instruction)
+        self._init_states = np.asarray(self._benchmark.get_task_init_states(task_id))
+
+    @property
+    def num_init_states(self) -> int:
+        return len(self._init_states)
+
+    # ----- gymnasium API ----------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        if "task_id" in options:
+            self._load_task(int(options.pop("task_id")))
+        k = int(options.pop("init_state_id", 0))
+        if options:
+            raise ValueError(f"unknown reset options {sorted(options)}; known: task_id, init_state_id")
+        if not 0 <= k < self.num_init_states:
+            raise ValueError(
+                f"init_state_id {k} is out of range: {self.suite} task {self.task_id} has "
+                f"{self.num_init_states} initial states (0..{self.num_init_states - 1})"
+            )
+        self.init_state_id = k
+        # LIBERO's env.seed seeds NumPy's global generator (placement sampling); reseeding on every
+        # reset makes an episode depend only on (task, init state, seed), not on what ran before.
+        self._sim.seed(self.default_seed if seed is None else int(seed))
+        self._sim.reset()
+        self._raw = self._sim.set_init_state(self._init_states[k])
+        for _ in range(self.settle_steps):
+            self._raw, _, _, _ = self._sim.step(SETTLE_ACTION.tolist())
+        self._step = 0
+        return self._observation(), self._info(success=False)
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (7,):
+            raise ValueError(f"action must have shape (7,) (OSC_POSE delta xyz, delta rpy, gripper), got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action contains NaN or inf: {action.tolist()}")
+        if self._raw is None:
+            raise RuntimeError("call reset() before step()")
+        # Passed through without clipping, as openpi does; robosuite clips to its controller limits.
+        self._raw, _, done, _ = self._sim.step(action.tolist())
+        self._step += 1
+        success = bool(done)
+        truncated = not success and self._step >= self.max_steps
+        return self._observation(), float(success), success, truncated, self._info(success)
+
+    def render(self):
+        if self._raw is None:
+            raise RuntimeError("call reset() before render()")
+        return upright(self._raw["agentview_image"])
+
+    def close(self):
+        self._close_sim()
+
+    def _close_sim(self):
+        if self._sim is not None:
+            self._sim.close()
+            self._sim = None
+
+    # ----- observations -----------------------------------------------------------------------------
+    def _observation(self) -> dict[str, np.ndarray]:
+        raw = self._raw
+        size = self.image_size
+        state = np.concatenate(
+            [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+        )
+        return {
+            "image": resize_with_pad(upright(raw["agentview_image"]), size, size),
+            "wrist_image": resize_with_pad(upright(raw["robot0_eye_in_hand_image"]), size, size),
+            "state": state.astype(np.float32),
+        }
+
+    def _info(self, success: bool) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "success": success,
+            "suite": self.suite,
+            "task_id": self.task_id,
+            "init_state_id": self.init_state_id,
+            "step": self._step,
+        }
+
+    # ----- privileged interface (for scripted controllers and tests) -------------------------------
+    def privileged_state(self) -> dict[str, Any]:
+        """Ground truth a scripted controller may use; see envs/privileged.py for the exact contents."""
+        from envs.privileged import read_privileged_state
+
+        return read_privileged_state(self._sim.env, self._raw)
+
+    def set_object_pose(self, name: str, pos, quat_wxyz=None) -> None:
+        """Teleport a free object (debugging and tests): write its free joint, then recompute the scene."""
+        from envs.privileged import set_object_pose
+
+        set_object_pose(self._sim.env, name, pos, quat_wxyz)

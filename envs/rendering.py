@@ -1,0 +1,55 @@
+"""Choose MuJoCo's headless OpenGL backend before robosuite is imported.
+
+robosuite and mujoco read MUJOCO_GL once, at import, so the choice has to be made
+(and written back to the environment, which worker processes inherit) first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+APT_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglib2.0-0 libosmesa6"
+_CANDIDATES = ("egl", "osmesa")
+
+# A context of a few pixels is enough to prove the driver stack loads.
+_PROBE = """
+import mujoco
+ctx = mujoco.GLContext(16, 16)
+ctx.make_current()
+ctx.free()
+"""
+
+
+class RenderingUnavailable(RuntimeError):
+    pass
+
+
+def _works(backend: str) -> bool:
+    env = dict(os.environ, MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0
+
+
+def select_gl_backend() -> str:
+    """Return the backend in use: MUJOCO_GL if set, else the first of egl, osmesa that works."""
+    chosen = os.environ.get("MUJOCO_GL")
+    if not chosen:
+        for backend in _CANDIDATES:
+            if _works(backend):
+                chosen = backend
+                break
+        else:
+            raise RenderingUnavailable(
+                "No headless OpenGL backend works for MuJoCo (tried MUJOCO_GL=egl and MUJOCO_GL=osmesa). "
+                f"Install the system libraries: sudo apt-get install -y {APT_PACKAGES}"
+            )
+        os.environ["MUJOCO_GL"] = chosen
+    if chosen in _CANDIDATES:
+        # PyOpenGL must load the same platform or robosuite's EGL context refuses to start.
+        os.environ.setdefault("PYOPENGL_PLATFORM", chosen)
+    return chosen
