@@ -52,4 +52,8 @@ def select_gl_backend() -> str:
     if chosen in _CANDIDATES:
         # PyOpenGL must load the same platform or robosuite's EGL context refuses to start.
         os.environ.setdefault("PYOPENGL_PLATFORM", chosen)
+    if chosen == "egl" and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        # robosuite picks the EGL device from CUDA_VISIBLE_DEVICES and crashes on an empty value (a job
+        # given no GPU, e.g. by submitit): render on the first EGL device instead (Mesa's, without a GPU).
+        os.environ.setdefault("MUJOCO_EGL_DEVICE_ID", "0")
     return chosen

@@ -217,3 +217,16 @@ def test_rendering_backend_honours_mujoco_gl(monkeypatch):
     monkeypatch.delenv("PYOPENGL_PLATFORM", raising=False)
     assert rendering.select_gl_backend() == "osmesa"
     assert os.environ["PYOPENGL_PLATFORM"] == "osmesa"
+
+
+def test_renders_when_cuda_visible_devices_is_empty(monkeypatch):
+    """Cluster jobs given no GPU get CUDA_VISIBLE_DEVICES='' (robosuite used to crash on it)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code = ("import envs.libero as l; e = l.LiberoEnv(suite='libero_object', task_id=0, camera_size=64, image_size=64);"
+            "o, _ = e.reset(); assert o['image'].std() > 0; e.close(); print('ok')")
+    import subprocess, sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "MUJOCO_EGL_DEVICE_ID")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,0 +1,1 @@
+"""Rollouts with action-chunk replanning, evaluation, sweeps and serving. The only place Hydra is seen."""

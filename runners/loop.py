@@ -1,0 +1,168 @@
+"""The evaluation loop: a pool of environments, one batched policy call per tick, chunked actions.
+
+Every tick: (1) the slots whose action queue ran dry are asked for a new chunk in ONE policy call;
+(2) every active slot gets its next action and all slots step together; (3) slots whose episode
+ended write their result line, and are given the next episode from the plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from policy.base import check_actions
+from runners.chunking import ChunkExecutor
+from runners.pool import IDLE, EnvPool, Episode
+from runners.results import ResultsLog, latency_stats
+from videos.recorder import EpisodeVideo, VideoRecorder
+
+MAX_CONSECUTIVE_POLICY_FAILURES = 3
+
+
+class PolicyFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopSettings:
+    replan_steps: int = 5
+    chunking: str = "replan"
+    ensemble_m: float = 0.01
+    max_steps: int = 220
+    view: int = 224
+
+
+@dataclass
+class Slot:
+    episode: Episode
+    executor: ChunkExecutor
+    task: str = ""
+    video: EpisodeVideo | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+def _select(obs: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in obs.items()}
+
+
+class EvaluationLoop:
+    """Runs `episodes` through `pool` with `policy`, appending each result to `results`."""
+
+    def __init__(self, policy, pool: EnvPool, results: ResultsLog, settings: LoopSettings,
+                 recorder: VideoRecorder | None = None, on_episode: Callable[[dict[str, Any]], None] | None = None):
+        self.policy, self.pool, self.results, self.s = policy, pool, results, settings
+        self.recorder = recorder
+        self.on_episode = on_episode or (lambda rec: None)
+        self.slots: dict[int, Slot] = {}
+        self._policy_failures = 0
+
+    # ----- episode lifecycle ------------------------------------------------------------------------
+    def _begin(self, todo: deque, free: list[int], obs) -> dict[str, np.ndarray]:
+        """Start the next planned episodes on the free slots (resetting them together)."""
+        starts = {i: todo.popleft() for i in free if todo}
+        if not starts:
+            return obs
+        obs, infos = self.pool.start(starts)
+        for i, ep in starts.items():
+            info = infos[i]
+            slot = Slot(ep, ChunkExecutor(self.s.replan_steps, self.s.chunking, self.s.ensemble_m), info.get("task", ""))
+            self.slots[i] = slot
+            if info.get("error"):
+                self._end(i, "error", steps=0, error=info["error"])
+            elif self.recorder is not None:
+                slot.video = self.recorder.start(ep.suite, ep.task_id, ep.init_state_id, ep.seed, slot.task,
+                                                 self.s.max_steps, self.s.view)
+        return obs
+
+    def _end(self, i: int, outcome: str, steps: int, error: str = "") -> None:
+        slot = self.slots.pop(i)
+        video = self.recorder.finish(slot.video, outcome) if self.recorder is not None else None
+        ep = slot.episode
+        rec = {
+            "suite": ep.suite,
+            "task_id": ep.task_id,
+            "task": slot.task,
+            "init_state_id": ep.init_state_id,
+            "seed": ep.seed,
+            "success": outcome == "success",
+            "steps": int(steps),
+            "error": error,
+            **latency_stats(slot.latencies_ms),
+            "policy_calls": len(slot.latencies_ms),
+            "latencies_ms": [round(x, 3) for x in slot.latencies_ms],
+            "video": video,
+            "wall_s": round(time.monotonic() - slot.started, 3),
+        }
+        self.results.append(rec)
+        self.on_episode(rec)
+
+    # ----- policy -----------------------------------------------------------------------------------
+    def _query_policy(self, obs, rows: list[int]) -> dict[int, str]:
+        """Ask the policy for chunks for `rows`; returns {slot: error} for rows that got none."""
+        batch = _select(obs, rows)
+        batch["prompt"] = [self.slots[i].task for i in rows]
+        if getattr(self.policy, "needs_privileged", False):
+            states = self.pool.privileged_states()
+            batch["privileged"] = [states[i] for i in rows]
+        t0 = time.perf_counter()
+        try:
+            out = self.policy.infer(batch)
+        except Exception as exc:  # a failing call marks its episodes; repeated failures stop the run
+            self._policy_failures += 1
+            if self._policy_failures >= MAX_CONSECUTIVE_POLICY_FAILURES:
+                raise PolicyFailure(
+                    f"the policy raised on {self._policy_failures} calls in a row; last error: "
+                    f"{type(exc).__name__}: {exc}") from exc
+            return {i: f"policy raised {type(exc).__name__}: {exc}" for i in rows}
+        self._policy_failures = 0
+        latency_ms = 1000.0 * (time.perf_counter() - t0)
+        actions, errors = check_actions(out, len(rows))
+        failed = {}
+        for r, i in enumerate(rows):
+            slot = self.slots[i]
+            slot.latencies_ms.append(latency_ms)
+            if errors[r] is not None:
+                failed[i] = errors[r]
+                continue
+            slot.executor.add_chunk(actions[r])  # raises if replan_steps exceeds the chunk
+        return failed
+
+    # ----- main loop --------------------------------------------------------------------------------
+    def run(self, episodes: list[Episode]) -> None:
+        todo = deque(episodes)
+        n = self.pool.num_envs
+        obs = None
+        while True:
+            free = [i for i in range(n) if i not in self.slots]
+            if free and todo:
+                obs = self._begin(todo, free, obs)
+            if not self.slots:
+                if todo:
+                    continue  # every start failed; try the next episodes
+                return
+            need = [i for i, s in sorted(self.slots.items()) if s.executor.needs_chunk()]
+            failed = self._query_policy(obs, need) if need else {}
+            for i, err in failed.items():
+                self._end(i, "error", self.slots[i].executor.t, err)
+            if not self.slots:
+                continue
+            actions = np.tile(IDLE, (n, 1))
+            for i, slot in self.slots.items():
+                if slot.video is not None:
+                    slot.video.add(obs["image"][i], obs["wrist_image"][i], slot.executor.t, i in need)
+                actions[i] = slot.executor.next_action()
+            obs, terminated, truncated, infos = self.pool.step(actions)
+            for i in list(self.slots):
+                slot, info = self.slots[i], infos[i]
+                steps = int(info.get("step", slot.executor.t))  # the env's count: a failed step is not one
+                if info.get("error"):
+                    self._end(i, "error", steps, info["error"])
+                elif terminated[i] or truncated[i]:
+                    if slot.video is not None:
+                        slot.video.add(obs["image"][i], obs["wrist_image"][i], steps, False)
+                    self._end(i, "success" if terminated[i] else "failure", steps)

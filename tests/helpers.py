@@ -1,0 +1,93 @@
+"""Test policies and environment wrappers that record what crosses the runner's boundaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from envs.libero import LiberoEnv
+from runners.pool import EpisodeWorker
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Every ActionLog created in this process (sync vectorization keeps envs in-process).
+LOGS: list["ActionLog"] = []
+
+
+def config(*overrides: str, name: str = "evaluate"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+class ActionLog(gym.Wrapper):
+    """Records every action an environment receives, with the episode it belongs to."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.actions: list[tuple[str, int, int, np.ndarray]] = []  # (task, task_id, init_state_id, action)
+        LOGS.append(self)
+
+    def step(self, action):
+        env = self.env.unwrapped
+        self.actions.append((env.task, env.task_id, env.init_state_id, np.array(action, dtype=np.float64)))
+        return self.env.step(action)
+
+
+def make_logged_env(env_kwargs):
+    return EpisodeWorker(ActionLog(LiberoEnv(**env_kwargs)))
+
+
+class FailingStep(gym.Wrapper):
+    """Raises inside `step` on the 3rd step of init state 0 (a simulator crash)."""
+
+    def reset(self, **kw):
+        self.n = 0
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        self.n += 1
+        if self.env.unwrapped.init_state_id == 0 and self.n == 3:
+            raise RuntimeError("simulated MuJoCo failure")
+        return self.env.step(action)
+
+
+def make_failing_env(env_kwargs):
+    return EpisodeWorker(FailingStep(LiberoEnv(**env_kwargs)))
+
+
+class ChunkPolicy:
+    """Returns chunks whose x-translation encodes (call number, position in chunk, prompt), and records
+    the batch it was given."""
+
+    needs_privileged = False
+
+    def __init__(self, chunk_size: int = 8, nan_for: str | None = None):
+        self.chunk_size = chunk_size
+        self.nan_for = nan_for
+        self.calls: list[dict] = []
+        self.prompts: dict[str, int] = {}
+
+    @staticmethod
+    def encode(call: int, j: int, prompt_code: int) -> float:
+        return round(1e-3 * (100 * prompt_code + 10 * call + j), 6)
+
+    def infer(self, batch):
+        n = len(batch["prompt"])
+        assert batch["image"].shape[0] == n and batch["state"].shape == (n, 8)
+        call = len(self.calls)
+        self.calls.append({"prompts": list(batch["prompt"]), "n": n})
+        actions = np.zeros((n, self.chunk_size, 7))
+        actions[..., -1] = -1
+        for r, prompt in enumerate(batch["prompt"]):
+            code = self.prompts.setdefault(prompt, len(self.prompts))
+            for j in range(self.chunk_size):
+                actions[r, j, 0] = self.encode(call, j, code)
+            if self.nan_for is not None and self.nan_for in prompt:
+                actions[r, 2, 3] = np.nan
+        return {"actions": actions}
+
+    def reset(self):
+        pass

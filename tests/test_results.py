@@ -1,0 +1,76 @@
+"""Crash-safe results: Wilson intervals, the append-only log, summaries."""
+
+import json
+
+import pytest
+
+from runners.results import ResultsLog, format_table, summarize, wilson_interval
+
+
+@pytest.mark.parametrize(
+    "k, n, lo, hi",
+    [(5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (0, 2, 0.0, 0.6576), (49, 50, 0.8950, 0.9965)],
+)
+def test_wilson_interval_matches_published_values(k, n, lo, hi):
+    a, b = wilson_interval(k, n)
+    assert a == pytest.approx(lo, abs=1e-4) and b == pytest.approx(hi, abs=1e-4)
+
+
+def test_wilson_interval_without_episodes_is_uninformative():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def rec(task, k, success=True, error="", steps=10):
+    return {"suite": "libero_spatial", "task_id": task, "task": f"task {task}", "init_state_id": k, "seed": 7,
+            "success": success, "steps": steps, "error": error, "latencies_ms": [1.0, 2.0, 3.0]}
+
+
+def test_log_appends_one_line_per_episode_and_reads_back(tmp_path):
+    log = ResultsLog(tmp_path, "abc")
+    log.append(rec(0, 0))
+    log.append(rec(0, 1, success=False))
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["config_hash"] == "abc"
+    again = ResultsLog(tmp_path, "abc")
+    assert again.done() == {("libero_spatial", 0, 0, 7), ("libero_spatial", 0, 1, 7)}
+
+
+def test_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path):
+    log = ResultsLog(tmp_path, "abc")
+    log.append(rec(0, 0))
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"suite": "libero_spatial", "task_id": 0, "init_st')  # killed mid-write
+    log = ResultsLog(tmp_path, "abc")
+    assert log.torn_lines == 1 and len(log.done()) == 1
+    log.append(rec(0, 1))
+    again = ResultsLog(tmp_path, "abc")
+    assert len(again.done()) == 2 and again.torn_lines == 1
+
+
+def test_error_episodes_are_retried_and_the_newest_line_wins(tmp_path):
+    log = ResultsLog(tmp_path, "abc")
+    log.append(rec(0, 0, success=False, error="boom"))
+    assert log.done(retry_errors=True) == set()
+    assert log.done(retry_errors=False) == {("libero_spatial", 0, 0, 7)}
+    log.append(rec(0, 0, success=True))
+    assert ResultsLog(tmp_path, "abc").records[("libero_spatial", 0, 0, 7)]["success"] is True
+
+
+def test_results_of_another_configuration_are_refused(tmp_path):
+    ResultsLog(tmp_path, "abc").append(rec(0, 0))
+    with pytest.raises(ValueError, match="another configuration"):
+        ResultsLog(tmp_path, "xyz")
+
+
+def test_summary_per_task_and_suite_excludes_errors():
+    records = [rec(0, 0), rec(0, 1, success=False, steps=20), rec(1, 0), rec(1, 1, error="boom", success=False)]
+    s = summarize(records)
+    t0, t1 = s["tasks"]
+    assert t0["episodes"] == 2 and t0["successes"] == 1 and t0["success_rate"] == 0.5 and t0["mean_steps"] == 15
+    assert t1["episodes"] == 1 and t1["errors"] == 1 and t1["success_rate"] == 1.0
+    suite = s["suites"]["libero_spatial"]
+    assert suite["episodes"] == 3 and suite["successes"] == 2 and suite["errors"] == 1
+    assert suite["ci95"] == pytest.approx(list(wilson_interval(2, 3)))
+    assert suite["latency_p50_ms"] == 2.0 and suite["policy_calls"] == 12
+    table = format_table(s)
+    assert "libero_spatial" in table and "50.0" in table and "all" in table

@@ -1,0 +1,153 @@
+"""The evaluation runner on real LIBERO: replanning, batching, errors, resume, early errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import helpers
+from helpers import ChunkPolicy, config
+from runners.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["max_steps=12", "vectorization=sync", "videos=none", "env.camera_size=128", "env.image_size=128"]
+
+
+def lines(out):
+    return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_replanning_executes_exactly_the_first_replan_steps_of_each_chunk(tmp_path):
+    helpers.LOGS.clear()
+    policy = ChunkPolicy(chunk_size=8)
+    cfg = config("tasks=[0]", "init_states=[0]", "replan=5", *FAST)
+    evaluate(cfg, tmp_path, policy=policy, make_env=helpers.make_logged_env)
+    (log,) = helpers.LOGS
+    executed = [a for (_, _, _, a) in log.actions]
+    assert len(executed) == 12
+    expected = [ChunkPolicy.encode(call, j, 0) for call in range(3) for j in range(5)][:12]
+    assert [round(a[0], 6) for a in executed] == expected
+    (rec,) = lines(tmp_path)
+    assert rec["policy_calls"] == 3 and rec["steps"] == 12 and not rec["success"] and rec["error"] == ""
+
+
+def test_batched_calls_get_one_observation_per_active_env_and_actions_reach_the_right_env(tmp_path):
+    helpers.LOGS.clear()
+    policy = ChunkPolicy(chunk_size=8)
+    cfg = config("tasks=[0,4]", "init_states=[0]", "replan=5", "num_envs=2", *FAST)
+    evaluate(cfg, tmp_path, policy=policy, make_env=helpers.make_logged_env)
+    assert [c["n"] for c in policy.calls] == [2, 2, 2]  # one call per replan for both envs together
+    assert all(len(set(c["prompts"])) == 2 for c in policy.calls)
+    for log in helpers.LOGS:
+        for task, _, _, action in log.actions:
+            code = policy.prompts[task]
+            assert round(action[0], 6) in {ChunkPolicy.encode(c, j, code) for c in range(3) for j in range(8)}
+    assert sorted(r["task_id"] for r in lines(tmp_path)) == [0, 4]
+
+
+def test_nan_actions_make_an_error_episode_and_the_run_goes_on(tmp_path):
+    cfg = config("tasks=[0,4]", "init_states=[0]", "num_envs=2", *FAST)
+    task4 = "wooden cabinet"  # libero_spatial task 4 mentions it; task 0 does not
+    policy = ChunkPolicy(chunk_size=8, nan_for=task4)
+    summary = evaluate(cfg, tmp_path, policy=policy)
+    recs = {r["task_id"]: r for r in lines(tmp_path)}
+    assert task4 in recs[4]["task"] and "NaN" in recs[4]["error"] and recs[4]["steps"] == 0
+    assert recs[0]["error"] == "" and recs[0]["steps"] == 12
+    assert summary["total"]["errors"] == 1 and summary["total"]["episodes"] == 1
+
+
+def test_wrong_shape_actions_are_errors(tmp_path):
+    class Wrong(ChunkPolicy):
+        def infer(self, batch):
+            return {"actions": np.zeros((len(batch["prompt"]), 8, 6))}
+
+    evaluate(config("tasks=[0]", "init_states=[0]", *FAST), tmp_path, policy=Wrong())
+    (rec,) = lines(tmp_path)
+    assert "shape" in rec["error"]
+
+
+def test_an_env_exception_is_an_error_episode_and_the_slot_goes_on(tmp_path):
+    cfg = config("tasks=[0]", "init_states=[0,1]", *FAST)
+    evaluate(cfg, tmp_path, policy=ChunkPolicy(), make_env=helpers.make_failing_env)
+    recs = {r["init_state_id"]: r for r in lines(tmp_path)}
+    assert "simulated MuJoCo failure" in recs[0]["error"] and recs[0]["steps"] == 2
+    assert recs[1]["error"] == "" and recs[1]["steps"] == 12
+
+
+def test_ensemble_chunking_runs_end_to_end(tmp_path):
+    helpers.LOGS.clear()
+    cfg = config("tasks=[0]", "init_states=[0]", "chunking=ensemble", "ensemble_m=0.0", "replan=2", *FAST)
+    evaluate(cfg, tmp_path, policy=ChunkPolicy(chunk_size=4), make_env=helpers.make_logged_env)
+    executed = [round(a[0], 6) for (_, _, _, a) in helpers.LOGS[0].actions]
+    e = ChunkPolicy.encode
+    assert executed[0] == e(0, 0, 0) and executed[1] == e(0, 1, 0)
+    assert executed[2] == pytest.approx((e(0, 2, 0) + e(1, 0, 0)) / 2, abs=1e-6)
+
+
+def test_errors_before_any_environment_is_built(tmp_path, monkeypatch):
+    import runners.evaluate as ev
+
+    def no_pool(*a, **k):
+        raise AssertionError("an environment was built before the configuration was checked")
+
+    monkeypatch.setattr(ev, "EnvPool", no_pool)
+    with pytest.raises(ValueError, match="libero_spatial, libero_object"):
+        evaluate(config("suite=libero_nope"), tmp_path)
+    with pytest.raises(ValueError, match="0..9"):
+        evaluate(config("tasks=[3,12]"), tmp_path)
+    with pytest.raises(ValueError, match="init states 0..49"):
+        evaluate(config("init_states=[50]"), tmp_path)
+    with pytest.raises(ValueError, match="replan <= 10"):
+        evaluate(config("replan=11"), tmp_path)
+
+
+def test_unknown_policy_name_lists_the_choices():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as info:
+        config("policy=nope")
+    assert "zero" in str(info.value) and "random" in str(info.value)
+
+
+def _evaluate_cmd(out, *extra):
+    return [sys.executable, "-m", "runners.evaluate", "policy=zero", "tasks=[0]", "init_states=[0,1,2,3]",
+            "max_steps=6", "videos=failures", f"out={out}", *extra]
+
+
+def test_killed_evaluation_resumes_without_redoing_finished_episodes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_evaluate_cmd(out), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if results.exists() and len(results.read_text().splitlines()) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the evaluation ended before it could be killed")
+            time.sleep(0.2)
+        else:
+            pytest.fail("no results within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = results.read_text().splitlines()
+    before_complete = [json.loads(x) for x in before if x.endswith("}")]
+    assert 2 <= len(before_complete) < 4
+    done = subprocess.run(_evaluate_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resuming" in done.stdout
+    after = [json.loads(x) for x in results.read_text().splitlines() if x.endswith("}")]
+    assert after[: len(before_complete)] == before_complete  # nothing rewritten
+    assert sorted(r["init_state_id"] for r in after) == [0, 1, 2, 3]  # nothing redone
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total"]["episodes"] == 4
+    assert not list(out.rglob("*.partial.mp4"))
+    assert len(list((out / "videos").rglob("*.mp4"))) == 4

@@ -1,0 +1,172 @@
+"""Rollout videos: decoding back, overlays, never overwriting; the review page in headless Chromium."""
+
+import json
+import shutil
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from videos.overlay import CHUNK_MARK, HEADER, banner, compose, frame_size
+from videos.recorder import VideoRecorder, keeps
+from videos.review import write_review
+
+
+def views(seed, size=224):
+    """Smooth, camera-like content (pure noise is not what a video codec is for)."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    def img(phase):
+        chans = [np.sin(2 * np.pi * (x * (1 + c) + y * (2 - c) + phase)) for c in range(3)]
+        return (127.5 * (1 + np.stack(chans, -1))).astype(np.uint8)
+    return img(0.1 * seed), img(0.5 + 0.1 * seed)
+
+
+def record(recorder, outcome, steps=15, init_state=0, chunk_every=5):
+    video = recorder.start("libero_spatial", 3, init_state, 7, "put the bowl on the plate", 220, 224)
+    for t in range(steps):
+        image, wrist = views(t)
+        video.add(image, wrist, t, chunk_start=t % chunk_every == 0)
+    return recorder.finish(video, outcome)
+
+
+def test_video_decodes_back_with_expected_frame_count_and_size(tmp_path):
+    rec = VideoRecorder(tmp_path / "videos", keep="all", fps=20)
+    path = record(rec, "failure", steps=15)
+    assert rec.close() == []
+    frames = imageio.mimread(tmp_path / path, memtest=False)
+    height, width = frame_size(224)
+    assert len(frames) == 15 + 20  # every step, then one second of the outcome banner
+    assert frames[0].shape == (height, width, 3) == (272, 448, 3)
+    reader = imageio.get_reader(tmp_path / path)
+    meta = reader.get_meta_data()
+    reader.close()
+    assert meta["fps"] == 20 and "h264" in meta["codec"]
+    # the views are where the layout says (lossy codec: compare loosely)
+    image, wrist = views(0)
+    assert np.abs(frames[0][HEADER:HEADER + 224, 224:448].astype(int) - wrist).mean() < 4
+    assert np.abs(frames[0][HEADER:HEADER + 224, 0:224].astype(int) - image).mean() < 4
+
+
+def test_overlays_change_the_pixels_where_expected():
+    image, wrist = views(1)
+    plain = compose(image, wrist, "stack the bowls", 3, 220, chunk_start=False)
+    marked = compose(image, wrist, "stack the bowls", 3, 220, chunk_start=True)
+    diff = np.any(plain != marked, axis=-1)
+    ys, xs = np.nonzero(diff)
+    dx, dy, size = CHUNK_MARK
+    assert diff.any() and xs.min() >= 224 - dx - size - 1 and xs.max() <= 224 - dx + 1  # only the chunk mark
+    assert ys.min() >= HEADER + dy - 1 and ys.max() <= HEADER + dy + size + 1
+    other_step = compose(image, wrist, "stack the bowls", 13, 220, chunk_start=False)
+    assert np.any(other_step[:HEADER] != plain[:HEADER]) and np.array_equal(other_step[HEADER:], plain[HEADER:])
+    other_task = compose(image, wrist, "open the drawer", 3, 220, chunk_start=False)
+    assert np.any(other_task[:HEADER] != plain[:HEADER])
+    band = slice(plain.shape[0] // 2 - 20, plain.shape[0] // 2 + 20)
+    for outcome, color in (("success", 1), ("failure", 0), ("error", 0)):
+        b = banner(plain, outcome)
+        assert np.array_equal(b[:band.start - 4], plain[:band.start - 4])  # above the band: untouched
+        assert np.median(b[band, :, color]) > 100  # green band for success, red/orange otherwise
+    with pytest.raises(ValueError, match="success, failure, error"):
+        banner(plain, "draw")
+
+
+def test_nothing_is_overwritten_across_episodes_with_the_same_outcome(tmp_path):
+    rec = VideoRecorder(tmp_path / "videos", keep="failures")
+    a = record(rec, "failure", steps=5, init_state=0)
+    b = record(rec, "failure", steps=6, init_state=0)  # same episode key again (a retry)
+    c = record(rec, "failure", steps=7, init_state=1)
+    rec.close()
+    assert len({a, b, c}) == 3
+    counts = [len(imageio.mimread(tmp_path / p, memtest=False)) for p in (a, b, c)]
+    assert counts == [25, 26, 27]
+
+
+def test_keep_setting_decides_which_videos_stay(tmp_path):
+    assert keeps("failures", "error") and keeps("failures", "failure") and not keeps("failures", "success")
+    assert keeps("all", "success") and not keeps("none", "failure")
+    rec = VideoRecorder(tmp_path / "videos", keep="failures")
+    assert record(rec, "success", steps=4) is None
+    assert record(rec, "error", steps=4) is not None
+    rec.close()
+    files = sorted(p.name for p in (tmp_path / "videos").rglob("*"))
+    assert files == ["libero_spatial", "task03_init00_seed7_error.mp4"]
+    with pytest.raises(ValueError, match="none, failures, all"):
+        VideoRecorder(tmp_path, keep="some")
+
+
+def test_memory_is_bounded_by_the_queue_not_the_episode(tmp_path):
+    from videos import recorder as r
+
+    rec = VideoRecorder(tmp_path / "videos", keep="all")
+    video = rec.start("libero_10", 0, 0, 7, "long task", 520, 224)
+    peak = 0
+    for t in range(300):
+        image, wrist = views(t % 3)
+        video.add(image, wrist, t, False)
+        peak = max(peak, video._queue.qsize())
+    rec.finish(video, "failure")
+    rec.close()
+    assert peak <= r.QUEUE_FRAMES
+
+
+def _fake_evaluation(root: Path, job: str, outcomes):
+    """An evaluation directory like the runner writes, with real videos."""
+    d = root / job
+    rec = VideoRecorder(d / "videos", keep="failures")
+    lines = []
+    for k, outcome in enumerate(outcomes):
+        video = record(rec, outcome, steps=8, init_state=k)
+        lines.append({"suite": "libero_spatial", "task_id": 3, "task": "put the bowl on the plate", "init_state_id": k,
+                      "seed": 7, "success": outcome == "success", "steps": 8,
+                      "error": "RuntimeError: boom" if outcome == "error" else "",
+                      "latency_p50_ms": 12.5, "latency_p95_ms": 20.0, "video": video, "config_hash": "abc"})
+    rec.close()
+    (d / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+def test_review_page_renders_in_headless_chromium_and_plays_every_failure(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium package is needed for this test (make test installs it)"
+    root = tmp_path / "sweep"
+    _fake_evaluation(root, "job0_steps=1", ["failure", "success", "error"])
+    _fake_evaluation(root, "job1_steps=3", ["failure", "failure"])
+    page_path = write_review(root)
+    html = page_path.read_text()
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                                                     "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        problems = []
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"failed to load {r.url}"))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        assert page.locator("video").count() == 4  # 2 failures + 1 error, 2 failures; no video for the success
+        states = page.evaluate("""async () => Promise.all([...document.querySelectorAll('video')].map(v =>
+            new Promise(done => {
+              const report = () => done({ready: v.readyState, error: v.error && v.error.code, width: v.videoWidth});
+              if (v.readyState >= 2) return report();
+              v.addEventListener('loadeddata', report); v.addEventListener('error', report); v.load();
+            })))""")
+        assert all(s["error"] is None and s["ready"] >= 2 and s["width"] == 448 for s in states), states
+        page.locator("video").first.evaluate("v => v.play()")
+        page.wait_for_timeout(300)
+        assert page.locator("video").first.evaluate("v => v.currentTime") > 0
+        page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        browser.close()
+    assert problems == []
+    assert (tmp_path / "review.png").stat().st_size > 10_000
+    assert "RuntimeError: boom" in html and "init state 2" in html
+
+
+def test_review_command_requires_results(tmp_path, capsys):
+    from videos.review import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "no results.jsonl" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Rollout videos with overlays, and the failure review page. Knows nothing about policies."""

@@ -1,0 +1,201 @@
+"""A self-contained failure review page for an evaluation or a sweep directory.
+
+    python -m videos.review DIR        # writes DIR/review.html
+
+The page uses only relative links and inline CSS (no network, no scripts): the sweep plot and table
+when DIR is a sweep, then for every evaluation under DIR its success table per task (Wilson 95%
+CIs) and a gallery of its failed and errored episodes, grouped by task, each video playable inline
+with its init state, steps and policy latency. It reads what the runner wrote (results.jsonl and
+summary.json) and knows nothing about policies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PAGE = "review.html"
+
+CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccc; }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th { background: #eee; } td.text, th.text { text-align: left; }
+.config { font-family: ui-monospace, monospace; font-size: 12px; color: #555; }
+.gallery { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; width: 464px; }
+.card video { width: 448px; display: block; background: #000; }
+.card .meta { font-size: 12px; margin-top: 4px; }
+.card pre { font-size: 11px; white-space: pre-wrap; max-height: 120px; overflow: auto; background: #fee; }
+.outcome-failure { color: #b22; } .outcome-error { color: #c70; }
+img.plot { max-width: 100%; border: 1px solid #ddd; background: #fff; }
+"""
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _load_records(path: Path) -> list[dict[str, Any]]:
+    latest: dict[tuple, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run
+            latest[(rec["suite"], rec["task_id"], rec["init_state_id"], rec["seed"])] = rec
+    return list(latest.values())
+
+
+def _evaluations(root: Path) -> list[Path]:
+    dirs = [p.parent for p in root.rglob("results.jsonl") if not any(part.startswith(".") for part in p.parts)]
+    return sorted(set(dirs))
+
+
+def _config_line(summary: dict[str, Any]) -> str:
+    cfg = summary.get("config", {})
+    pol = cfg.get("policy", {}) or {}
+    name = summary.get("policy_name") or str(pol.get("_target_", "?")).rsplit(".", 1)[-1]
+    keys = [("policy", name), ("suite", cfg.get("suite")), ("steps", cfg.get("steps")),
+            ("backend", cfg.get("backend")), ("replan", cfg.get("replan")), ("chunking", cfg.get("chunking"))]
+    return "  ".join(f"{k}={v}" for k, v in keys if v is not None) + f"  [config {summary.get('config_hash', '?')}]"
+
+
+def _task_table(summary: dict[str, Any]) -> str:
+    rows = ["<table><tr><th>suite</th><th>task</th><th class=text>instruction</th><th>success %</th>"
+            "<th>95% CI</th><th>episodes</th><th>errors</th><th>mean steps</th><th>p50 ms</th><th>p95 ms</th></tr>"]
+
+    def row(suite, task, text, s):
+        lo, hi = s["ci95"]
+        return (f"<tr><td>{html.escape(str(suite))}</td><td>{task}</td><td class=text>{html.escape(text)}</td>"
+                f"<td>{_pct(s['success_rate'])}</td><td>[{100 * lo:.1f}, {100 * hi:.1f}]</td><td>{s['episodes']}</td>"
+                f"<td>{s['errors']}</td><td>{_ms(s['mean_steps'])}</td><td>{_ms(s['latency_p50_ms'])}</td>"
+                f"<td>{_ms(s['latency_p95_ms'])}</td></tr>")
+
+    for t in summary.get("tasks", []):
+        rows.append(row(t["suite"], t["task_id"], t.get("task", ""), t))
+    for suite, s in summary.get("suites", {}).items():
+        rows.append(row(suite, "all", "", s))
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def _gallery(eval_dir: Path, root: Path, records: list[dict[str, Any]]) -> tuple[str, int]:
+    failures = [r for r in records if r.get("error") or not r.get("success")]
+    if not failures:
+        return "<p>No failures.</p>", 0
+    by_task: dict[tuple, list] = defaultdict(list)
+    for r in failures:
+        by_task[(r["suite"], r["task_id"], r.get("task", ""))].append(r)
+    parts, videos = [], 0
+    for (suite, tid, text), recs in sorted(by_task.items()):
+        parts.append(f"<h3>{html.escape(suite)} task {tid}: {html.escape(text)} ({len(recs)} failed)</h3>")
+        parts.append('<div class="gallery">')
+        for r in sorted(recs, key=lambda r: r["init_state_id"]):
+            outcome = "error" if r.get("error") else "failure"
+            card = ['<div class="card">']
+            video = r.get("video")
+            if video and (eval_dir / video).is_file():
+                src = os.path.relpath(eval_dir / video, root)
+                card.append(f'<video controls muted preload="metadata" src="{html.escape(src)}"></video>')
+                videos += 1
+            elif video:
+                card.append(f"<p>video missing: {html.escape(video)}</p>")
+            card.append(
+                f'<div class="meta"><b class="outcome-{outcome}">{outcome}</b> &middot; init state {r["init_state_id"]}'
+                f' &middot; seed {r["seed"]} &middot; {r["steps"]} steps &middot; latency p50 {_ms(r.get("latency_p50_ms"))} ms,'
+                f' p95 {_ms(r.get("latency_p95_ms"))} ms</div>')
+            if r.get("error"):
+                card.append(f"<pre>{html.escape(str(r['error']))}</pre>")
+            card.append("</div>")
+            parts.append("".join(card))
+        parts.append("</div>")
+    return "\n".join(parts), videos
+
+
+def _cell(column: str, value: str) -> str:
+    """sweep.csv holds raw numbers; show rates as percentages and times to 0.1 ms."""
+    try:
+        x = float(value)
+    except ValueError:
+        return value
+    if column in ("success_rate", "ci95_low", "ci95_high"):
+        return f"{100 * x:.1f}%"
+    if column.endswith("_ms"):
+        return f"{x:.1f}"
+    return value
+
+
+def _sweep_section(root: Path) -> str:
+    parts = []
+    if (root / "sweep.png").is_file():
+        parts.append('<h2>Sweep</h2><img class="plot" src="sweep.png" alt="success and latency vs denoising steps">')
+    if (root / "sweep.csv").is_file():
+        with open(root / "sweep.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            head, body = rows[0], rows[1:]
+            cells = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            lines = [f"<table><tr>{cells}</tr>"]
+            for row in body:
+                lines.append("<tr>" + "".join(f"<td>{html.escape(_cell(k, v))}</td>" for k, v in zip(head, row)) + "</tr>")
+            parts.append("".join(lines) + "</table>")
+    return "\n".join(parts)
+
+
+def write_review(root: str | os.PathLike) -> Path:
+    """Write `root`/review.html and return its path."""
+    root = Path(root)
+    body = [f"<h1>Rollout review: {html.escape(root.name)}</h1>", _sweep_section(root)]
+    for eval_dir in _evaluations(root):
+        records = _load_records(eval_dir / "results.jsonl")
+        summary_path = eval_dir / "summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        else:  # a run still in progress: summarize what is there
+            from runners.results import summarize
+
+            summary = summarize(records)
+        title = os.path.relpath(eval_dir, root)
+        body.append(f"<h2>{html.escape('evaluation' if title == '.' else title)}</h2>")
+        body.append(f'<div class="config">{html.escape(_config_line(summary))}</div>')
+        body.append(_task_table(summary))
+        gallery, _ = _gallery(eval_dir, root, records)
+        body.append(gallery)
+    page = (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<title>Review: {html.escape(root.name)}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(body) + "\n</body></html>\n"
+    )
+    out = root / PAGE
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", help="an evaluation or sweep directory")
+    args = parser.parse_args(argv)
+    root = Path(args.dir)
+    if not root.is_dir():
+        parser.error(f"{root} is not a directory")
+    if not _evaluations(root):
+        parser.error(f"no results.jsonl under {root}: point at an evaluation or sweep directory")
+    print(write_review(root))
+
+
+if __name__ == "__main__":
+    main()
