@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -36,4 +37,10 @@ def build_policy(cfg: DictConfig):
     kwargs = {}
     if "device" in cfg.policy:
         kwargs["device"] = resolve_device(str(cfg.policy.device))
-    return instantiate(cfg.policy, **kwargs)
+    try:
+        return instantiate(cfg.policy, **kwargs)
+    except InstantiationException as exc:
+        # Hydra wraps the policy's own error (a missing checkpoint, say); show the user that one.
+        if exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        raise

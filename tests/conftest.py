@@ -22,3 +22,42 @@ def golden_dir() -> Path:
             "tiny_case.safetensors"
         )
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(tmp_path_factory) -> Path:
+    """A small SentencePiece model trained here (ids like Gemma's: pad 0, eos 1, bos 2), standing in
+    for PaliGemma's tokenizer file, which tests may not download."""
+    import io
+
+    import sentencepiece as spm
+
+    from envs.suites import SUITES  # noqa: F401  (the texts below are LIBERO-like instructions)
+
+    texts = [
+        "pick up the black bowl between the plate and the ramekin and place it on the plate",
+        "pick up the alphabet soup and place it in the basket", "open the middle drawer of the cabinet",
+        "put both the alphabet soup and the tomato sauce in the basket", "turn on the stove",
+        "put the wine bottle on top of the cabinet", "push the plate to the front of the stove",
+        "Task: put the bowl on the plate, State: 12 128 255 0;\nAction: ", "stack the black bowls",
+    ] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=180,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, model_type="bpe",
+                                   user_defined_symbols=["\n"], remove_extra_whitespaces=False,
+                                   character_coverage=1.0, minloglevel=2)
+    path = tmp_path_factory.mktemp("tokenizer") / "paligemma_tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(golden_dir, tmp_path_factory) -> Path:
+    """An openpi-style PyTorch checkpoint directory of the golden tiny model (weights + norm stats)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("ckpt") / "pi05_tiny"
+    d.mkdir()
+    shutil.copy(golden_dir / "tiny_openpi_model.safetensors", d / "model.safetensors")
+    shutil.copytree(golden_dir / "tiny_openpi_jax" / "assets", d / "assets")
+    return d

@@ -151,3 +151,25 @@ def test_killed_evaluation_resumes_without_redoing_finished_episodes(tmp_path):
     assert summary["total"]["episodes"] == 4
     assert not list(out.rglob("*.partial.mp4"))
     assert len(list((out / "videos").rglob("*.mp4"))) == 4
+
+
+def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer):
+    cfg = config("policy=pi05", f"policy.checkpoint={tiny_checkpoint}", f"policy.tokenizer={spm_tokenizer}",
+                 "policy.config=tiny", "policy.dtype=float32", "steps=2", "tasks=[0]", "init_states=[0]", *FAST)
+    summary = evaluate(cfg, tmp_path)
+    (rec,) = lines(tmp_path)
+    assert rec["error"] == "" and rec["steps"] == 12 and rec["policy_calls"] == 3
+    assert summary["total"]["episodes"] == 1
+
+
+def test_missing_checkpoint_fails_before_any_environment(tmp_path, monkeypatch, spm_tokenizer):
+    import runners.evaluate as ev
+
+    monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
+    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="openpi-assets/checkpoints/pi05_libero"):
+        evaluate(config("policy=pi05", f"policy.tokenizer={spm_tokenizer}", *FAST), tmp_path)
+    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):
+        evaluate(config("policy=pi05", "policy.checkpoint=random", *FAST), tmp_path)
+    with pytest.raises(ValueError, match="eager, compile, fp8, tensorrt"):
+        evaluate(config("policy=pi05", "backend=nope", *FAST), tmp_path)

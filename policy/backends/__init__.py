@@ -1,0 +1,34 @@
+"""Fast backends: each turns a loaded Pi05Model into a sampler with the same inputs and outputs.
+
+    sampler = make_sampler("compile", model, num_steps=10)
+    actions = sampler(images, image_masks, tokens, token_masks, noise)   # (B, chunk, action_dim) fp32
+
+A sampler also exposes its stages for the benchmark: `encode(...) -> cache` (vision + prefix) and
+`denoise(cache, noise) -> actions`. Backends are chosen by name, never by flags inside the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> "module:factory"; modules are imported on use (optional dependencies stay optional).
+BACKENDS = {
+    "eager": "policy.backends.eager:EagerSampler",
+    "compile": "policy.backends.compiled:CompiledSampler",
+    "fp8": "policy.backends.fp8:Fp8Sampler",
+    "tensorrt": "policy.backends.tensorrt:TensorRTSampler",
+}
+
+
+def get_backend(name: str):
+    """The sampler class of backend `name`, or a ValueError listing the choices."""
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown Pi0.5 backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_sampler(name: str, model, num_steps: int = 10, **options):
+    return get_backend(name)(model, num_steps=num_steps, **options)

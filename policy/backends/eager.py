@@ -1,0 +1,26 @@
+"""The reference backend: the model's own PyTorch code, op by op."""
+
+from __future__ import annotations
+
+import torch
+
+from policy.pi05.model import Pi05Model, PrefixCache, euler_times
+
+
+class EagerSampler:
+    name = "eager"
+
+    def __init__(self, model: Pi05Model, num_steps: int = 10):
+        self.model = model
+        self.num_steps = int(num_steps)
+        euler_times(self.num_steps)  # validates
+
+    @torch.no_grad()
+    def encode(self, images, image_masks, tokens, token_masks) -> PrefixCache:
+        return self.model.prefill(self.model.embed_prefix(images, image_masks, tokens, token_masks))
+
+    def denoise(self, cache: PrefixCache, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.denoise(cache, noise, self.num_steps)
+
+    def __call__(self, images, image_masks, tokens, token_masks, noise) -> torch.Tensor:
+        return self.denoise(self.encode(images, image_masks, tokens, token_masks), noise)

@@ -1,0 +1,100 @@
+"""LIBERO observations <-> Pi0.5 inputs and outputs, as openpi transforms them.
+
+openpi: policies/libero_policy.py (LiberoInputs/LiberoOutputs), transforms.py (Normalize and
+Unnormalize with quantiles, ResizeImages, PadStatesAndActions), models/model.py (uint8 -> [-1, 1]).
+
+Inputs:  agent view -> `base_0_rgb`, wrist view -> `left_wrist_0_rgb`, `right_wrist_0_rgb` = zeros
+         with mask False; images resized with pad to 224 and mapped x / 255 * 2 - 1.
+Outputs: the first `len(q01)` action dims unnormalized with the quantiles
+         `x = (x' + 1) / 2 * (q99 - q01 + 1e-6) + q01`, then the first 7 dims kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs.images import resize_with_pad
+
+LIBERO_ACTION_DIM = 7
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Quantile statistics of openpi's norm_stats.json (per key: mean, std, q01, q99)."""
+
+    q01: dict[str, np.ndarray]
+    q99: dict[str, np.ndarray]
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NormStats":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())["norm_stats"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not an openpi norm_stats.json ({{'norm_stats': {{...}}}}): {exc}") from exc
+        q01, q99 = {}, {}
+        for key, stats in data.items():
+            if stats.get("q01") is None or stats.get("q99") is None:
+                raise ValueError(f"{path}: '{key}' has no q01/q99 quantiles, which Pi0.5 normalization needs")
+            q01[key] = np.asarray(stats["q01"], dtype=np.float32)
+            q99[key] = np.asarray(stats["q99"], dtype=np.float32)
+        if "actions" not in q01:
+            raise ValueError(f"{path} has no 'actions' statistics")
+        return cls(q01, q99, str(path))
+
+    def normalize(self, key: str, x: np.ndarray) -> np.ndarray:
+        lo, hi = self.q01[key][..., : x.shape[-1]], self.q99[key][..., : x.shape[-1]]
+        return (x - lo) / (hi - lo + 1e-6) * 2.0 - 1.0
+
+    def unnormalize(self, key: str, x: np.ndarray) -> np.ndarray:
+        lo, hi = self.q01[key], self.q99[key]
+        n = min(len(lo), x.shape[-1])
+        out = np.array(x, dtype=np.float32, copy=True)
+        out[..., :n] = (x[..., :n] + 1.0) / 2.0 * (hi[:n] - lo[:n] + 1e-6) + lo[:n]
+        return out
+
+
+def find_norm_stats(checkpoint_dir: str | Path, asset_id: str | None = None) -> Path:
+    """`<checkpoint>/assets/<asset_id>/norm_stats.json`; without an asset id there must be exactly one."""
+    assets = Path(checkpoint_dir) / "assets"
+    if asset_id is not None:
+        path = assets / asset_id / "norm_stats.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no norm stats at {path} (asset id {asset_id!r})")
+        return path
+    found = sorted(assets.rglob("norm_stats.json")) if assets.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no norm_stats.json under {assets}: openpi checkpoints keep them in assets/<asset_id>/ (for LIBERO "
+            f"assets/physical-intelligence/libero/). Copy the checkpoint's assets folder there or pass norm_stats=PATH.")
+    if len(found) > 1:
+        ids = [str(p.parent.relative_to(assets)) for p in found]
+        raise ValueError(f"several norm stats under {assets}: {', '.join(ids)}; choose one with asset_id=...")
+    return found[0]
+
+
+def to_model_images(batch: dict, size: int = 224) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """LIBERO batch -> the three camera slots as float32 (B, 3, size, size) in [-1, 1], and their masks."""
+    slots, masks = [], []
+    for key in ("image", "wrist_image"):
+        imgs = np.asarray(batch[key])
+        if imgs.dtype != np.uint8:
+            raise ValueError(f"batch[{key!r}] must be uint8 (B, H, W, 3), got {imgs.dtype}")
+        if imgs.shape[1:3] != (size, size):
+            imgs = np.stack([resize_with_pad(im, size, size) for im in imgs])
+        slots.append(imgs.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 * 2.0 - 1.0)  # NHWC -> NCHW
+        masks.append(np.ones(len(imgs), dtype=bool))
+    # The right wrist slot is padding: zeros as uint8, so all -1 after the conversion, and masked.
+    slots.append(np.full_like(slots[0], -1.0))
+    masks.append(np.zeros(len(slots[0]), dtype=bool))
+    return slots, masks
+
+
+def to_libero_actions(actions: np.ndarray, stats: NormStats) -> np.ndarray:
+    """Model actions (B, H, action_dim), normalized -> LIBERO actions (B, H, 7)."""
+    return stats.unnormalize("actions", actions)[..., :LIBERO_ACTION_DIM]

@@ -1,0 +1,143 @@
+"""Pi0.5 around the model: tokenizer formats, LIBERO transforms, the policy object, early errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from policy.pi05.policy import Pi05Policy
+from policy.pi05.tokenizer import PaligemmaTokenizer, clean, discretize_state
+from policy.pi05.transforms import NormStats, find_norm_stats, to_libero_actions, to_model_images
+
+
+def test_pi0_prompt_format_bos_text_then_newline(spm_tokenizer):
+    tok = PaligemmaTokenizer(spm_tokenizer, max_len=48)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_tokenizer))
+    tokens, mask = tok.encode("  pick_up the black bowl\n")
+    expected = [2] + sp.encode("pick up the black bowl") + sp.encode("\n")  # strip, then _ -> space
+    assert tokens[: mask.sum()].tolist() == expected
+    assert mask[: len(expected)].all() and not mask[len(expected):].any() and (tokens[len(expected):] == 0).all()
+    assert tokens.dtype == np.int64 and tokens.shape == (48,)
+    assert clean(" a_b\nc ") == "a b c"  # no lower-casing, no other changes
+    assert clean("Open The Drawer") == "Open The Drawer"
+
+
+def test_pi05_discrete_state_format(spm_tokenizer):
+    tok = PaligemmaTokenizer(spm_tokenizer, max_len=200)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_tokenizer))
+    state = np.array([-1.0, 0.0, 0.99, 1.5, -3.0])
+    assert discretize_state(state).tolist() == [0, 128, 254, 255, -1]
+    tokens, mask = tok.encode("put the bowl", state)
+    text = "Task: put the bowl, State: 0 128 254 255 -1;\nAction: "
+    assert tokens[: mask.sum()].tolist() == sp.encode(text, add_bos=True)
+
+
+def test_truncation_warns(spm_tokenizer, caplog):
+    tok = PaligemmaTokenizer(spm_tokenizer, max_len=5)
+    with caplog.at_level("WARNING"):
+        tokens, mask = tok.encode("pick up the black bowl and place it on the plate")
+    assert mask.all() and "truncated" in caplog.text
+
+
+def test_missing_tokenizer_explains_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gs://big_vision/paligemma_tokenizer.model"):
+        PaligemmaTokenizer(tmp_path / "nope.model")
+
+
+def test_libero_images_go_to_the_first_two_slots_and_the_third_is_masked():
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8),
+             "wrist_image": rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)}
+    slots, masks = to_model_images(batch)
+    assert [s.shape for s in slots] == [(2, 3, 224, 224)] * 3
+    np.testing.assert_allclose(slots[0][1, :, 5, 7], batch["image"][1, 5, 7] / 255 * 2 - 1, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(slots[1][0].transpose(1, 2, 0), batch["wrist_image"][0] / 255 * 2 - 1, atol=1e-6)
+    assert (slots[2] == -1).all() and [m.tolist() for m in masks] == [[True, True], [True, True], [False, False]]
+    small = {"image": batch["image"][:, :200], "wrist_image": batch["wrist_image"][:, :200]}  # resized with pad
+    s, _ = to_model_images(small)
+    assert s[0].shape == (2, 3, 224, 224) and (s[0][:, :, :10] == -1).all()  # black padding bars
+
+
+def test_resize_with_pad_matches_openpi_client():
+    from openpi_client.image_tools import resize_with_pad as theirs
+
+    from envs.images import resize_with_pad as ours
+
+    rng = np.random.default_rng(1)
+    for shape in ((256, 256, 3), (480, 640, 3), (300, 200, 3)):
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert np.array_equal(ours(img, 224, 224), theirs(img, 224, 224))
+
+
+def test_quantile_unnormalization_of_the_first_seven_dims(golden_dir):
+    stats = NormStats.load(find_norm_stats(golden_dir / "tiny_openpi_jax"))
+    raw = json.loads((golden_dir / "tiny_openpi_jax/assets/physical-intelligence/libero/norm_stats.json").read_text())
+    q01, q99 = np.array(raw["norm_stats"]["actions"]["q01"]), np.array(raw["norm_stats"]["actions"]["q99"])
+    x = np.random.default_rng(2).uniform(-1, 1, (3, 10, 32)).astype(np.float32)
+    out = to_libero_actions(x, stats)
+    assert out.shape == (3, 10, 7)
+    np.testing.assert_allclose(out, (x[..., :7] + 1) / 2 * (q99 - q01 + 1e-6) + q01, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats.normalize("actions", out), x[..., :7], atol=1e-5)
+
+
+def test_several_norm_stats_need_a_choice(tmp_path, golden_dir):
+    src = golden_dir / "tiny_openpi_jax/assets/physical-intelligence/libero/norm_stats.json"
+    for asset in ("a/one", "b/two"):
+        (tmp_path / "assets" / asset).mkdir(parents=True)
+        shutil.copy(src, tmp_path / "assets" / asset / "norm_stats.json")
+    with pytest.raises(ValueError, match="a/one, b/two"):
+        find_norm_stats(tmp_path)
+    assert find_norm_stats(tmp_path, "b/two").parent.name == "two"
+    with pytest.raises(FileNotFoundError, match="assets"):
+        find_norm_stats(tmp_path / "nowhere")
+
+
+def libero_batch(n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+            "wrist_image": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+            "state": rng.normal(size=(n, 8)).astype(np.float32),
+            "prompt": ["pick up the black bowl and place it on the plate", "open the middle drawer of the cabinet"][:n]}
+
+
+def test_policy_infers_a_batch_in_one_model_call_and_matches_the_model(tiny_checkpoint, spm_tokenizer):
+    policy = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=3, device="cpu", dtype="float32", config="tiny")
+    assert policy.chunk_size == 10
+    calls = []
+    inner = policy.sampler
+    policy.sampler = lambda *a: calls.append(a[0][0].shape[0]) or inner(*a)
+    batch = libero_batch()
+    out = policy.infer(batch)
+    assert calls == [2]  # one call for the whole batch
+    assert out["actions"].shape == (2, 10, 7) and np.isfinite(out["actions"]).all()
+    # the same computation by hand: transforms, tokenizer, model, unnormalization
+    policy.reset()
+    images, masks = to_model_images(batch)
+    enc = [policy.tokenizer.encode(p) for p in batch["prompt"]]
+    tokens = torch.from_numpy(np.stack([t for t, _ in enc]))
+    tmask = torch.from_numpy(np.stack([m for _, m in enc]))
+    noise = torch.randn(2, 10, 32, generator=policy._generator)
+    ref = policy.model.sample_actions([torch.from_numpy(x) for x in images], [torch.from_numpy(m) for m in masks],
+                                      tokens, tmask, noise=noise, num_steps=3)
+    np.testing.assert_allclose(out["actions"], to_libero_actions(ref.numpy(), policy.norm_stats), atol=1e-5)
+    # seeded noise: reset() makes runs repeat
+    policy.reset()
+    again = policy.infer(batch)
+    np.testing.assert_array_equal(again["actions"], out["actions"])
+
+
+def test_policy_checks_everything_before_loading_weights(tiny_checkpoint, spm_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="eager, compile, fp8, tensorrt"):
+        Pi05Policy(tiny_checkpoint, spm_tokenizer, backend="warp", config="tiny")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Pi05Policy(tmp_path / "nope", spm_tokenizer, config="tiny")
+    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):
+        Pi05Policy(tiny_checkpoint, tmp_path / "nope.model", config="tiny")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_checkpoint / "model.safetensors", bare / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="norm_stats"):
+        Pi05Policy(bare, spm_tokenizer, config="tiny")
