@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from policy.pi05.model import Pi05Model, PrefixCache, euler_times
+from policy.pi05.model import Pi05Model, PrefixCache, as_slots, euler_times
 
 
 class EagerSampler:
@@ -21,6 +21,20 @@ class EagerSampler:
 
     def denoise(self, cache: PrefixCache, noise: torch.Tensor) -> torch.Tensor:
         return self.model.denoise(cache, noise, self.num_steps)
+
+    def stages(self, images, image_masks, tokens, token_masks, noise) -> dict:
+        """Callables that each run one stage alone on prepared inputs (for the benchmark)."""
+        m = self.model
+        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
+        present = [img for img, mask in zip(images, image_masks) if bool(mask.any())]
+        prefix = m.embed_prefix(images, image_masks, tokens, token_masks)
+        cache = m.prefill(prefix)
+        no_grad = torch.no_grad()
+        return {
+            "vision": no_grad(lambda: m.embed_images(present)),
+            "prefix": no_grad(lambda: m.prefill(prefix)),
+            "denoise": lambda: self.denoise(cache, noise),
+        }
 
     def __call__(self, images, image_masks, tokens, token_masks, noise) -> torch.Tensor:
         return self.denoise(self.encode(images, image_masks, tokens, token_masks), noise)

@@ -1,0 +1,433 @@
+"""The `compile` backend: fused weights, regional torch.compile, and CUDA graphs over each stage.
+
+What it does to the eager model's computation (all exact in real arithmetic; bf16 rounding moves):
+* fused projections: q|k|v in one matrix per attention, gate|up in one per Gemma MLP;
+* norm affines folded into the next matrix: SigLIP LayerNorm `g, b` (W' = W diag(g), c' = c + W b)
+  and Gemma RMSNorm `(1 + w)` (W' = W diag(1 + w));
+* time conditioning precomputed for the fixed step schedule: the time MLP and every adaRMS
+  modulation (18 x 2 + 1 Dense layers) depend only on t, so the denoise loop never runs them;
+* static buffers: the prefix K/V cache and the action tokens' own K/V share one buffer per layer
+  (no concatenation), positions and masks are computed once per observation;
+* one torch.compile'd function per layer kind (SigLIP, Gemma prefix, expert), reused by every layer
+  (small compile, cached on disk by inductor for the next process), and on CUDA one graph per stage
+  (vision, prefix, whole denoise loop) replayed per call.
+
+Shapes are static per (batch size, camera slots present, prompt bucket): the prompt is padded to the
+next of PROMPT_BUCKETS tokens and padding is masked, so any prompt reuses a captured graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from policy.pi05.gemma import apply_rope as _rope
+from policy.pi05.gemma import rms as _rms
+from policy.pi05.gemma import rope_cos_sin
+from policy.pi05.model import Pi05Model, as_slots, euler_times
+
+PROMPT_BUCKETS = (32, 64, 128, 200)
+KEY_ALIGN = 64  # key count of the denoise attention, rounded up: unaligned GEMMs get slow kernels
+
+
+def split_qkv(qkv, cos, sin, heads: int, hd: int):
+    """qkv (B, T, (H + 2) hd) -> q as rows (B, T * H, hd) (row t * H + h), k and v (B, T, hd); RoPE on q and k
+    with cos/sin (B, T, hd). All heads share the single K/V head, so the heads need no axis of their own."""
+    b, t, _ = qkv.shape
+    q = _rope(qkv[..., : heads * hd].view(b, t, heads, hd), cos[:, :, None], sin[:, :, None])
+    k = _rope(qkv[..., heads * hd: (heads + 1) * hd], cos, sin)
+    return q.reshape(b, t * heads, hd), k, qkv[..., (heads + 1) * hd:]
+
+
+def mqa_attention(q, k, v, bias):
+    """Attention of query rows q (B, T * H, hd) over ONE shared K/V head k, v (B, S, hd): two plain
+    matmuls and a softmax, no per-head kernels or transposes. `bias` (B, 1, S) fp32 is 0 for valid
+    keys and a large negative for padding. Numerics as openpi's eager attention: bf16 scores, scaled,
+    masked and softmaxed in fp32, probabilities back to bf16. Returns (B, T, H * hd)."""
+    b, rows, hd = q.shape
+    if b == 1:  # a plain matrix product gets better GEMM kernels than a batch of one
+        scores = (q[0] @ k[0].T)[None]
+    else:
+        scores = q @ k.transpose(1, 2)
+    probs = torch.softmax(scores.float() * hd ** -0.5 + bias, dim=-1).to(v.dtype)
+    return (probs[0] @ v[0])[None] if b == 1 else probs @ v
+
+
+def sdpa_attention(q, k, v, bias, heads: int):
+    """The same through torch's scaled_dot_product_attention (kernel chosen by torch)."""
+    b, rows, hd = q.shape
+    t = rows // heads
+    qh = q.view(b, t, heads, hd).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, k[:, None].expand(b, heads, k.shape[1], hd),
+                                         v[:, None].expand(b, heads, v.shape[1], hd),
+                                         attn_mask=bias[:, None].to(q.dtype), scale=hd ** -0.5)
+    return out.transpose(1, 2).reshape(b, t, heads * hd)
+
+
+MASKED = -2.3819763e38  # openpi's big_neg (finite: -inf would turn padded rows into NaN)
+
+
+def attention(q, k, v, bias, heads: int, impl: str):
+    if impl == "sdpa":
+        return sdpa_attention(q, k, v, bias, heads)
+    b, rows, hd = q.shape
+    return mqa_attention(q, k, v, bias).reshape(b, rows // heads, heads * hd)
+
+
+# ----- the layer functions that get compiled (weights are arguments: one compile serves all layers) -----
+
+def siglip_layer(x, qkv_w, qkv_b, o_w, o_b, fc1_w, fc1_b, fc2_w, fc2_b, *, heads: int, eps: float, linear=F.linear):
+    b, t, d = x.shape
+    h = F.layer_norm(x, (d,), eps=eps)  # affine folded into qkv
+    qkv = linear(h, qkv_w, qkv_b).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    x = x + linear(out.transpose(1, 2).reshape(b, t, d), o_w, o_b)
+    h = F.layer_norm(x, (d,), eps=eps)  # affine folded into fc1
+    return x + linear(F.gelu(linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
+
+
+def prefix_layer(x, cos, sin, bias, k_buf, v_buf, qkv_w, o_w, gu_w, down_w, *, heads: int, hd: int, eps: float,
+                 kv_only: bool, linear=F.linear, impl: str = "matmul"):
+    """One Gemma 2B layer over the prefix; writes its post-RoPE K and V into k_buf/v_buf[:, :T]."""
+    t = x.shape[1]
+    q, k, v = split_qkv(linear(_rms(x, eps).to(x.dtype), qkv_w, None), cos, sin, heads, hd)  # (1 + w) folded
+    k_buf[:, :t].copy_(k)
+    v_buf[:, :t].copy_(v)
+    if kv_only:  # the last layer: only its K/V are ever read
+        return x
+    x = x + linear(attention(q, k, v, bias, heads, impl), o_w, None)
+    gate, up = linear(_rms(x, eps).to(x.dtype), gu_w, None).chunk(2, dim=-1)
+    return x + linear(F.gelu(gate, approximate="tanh") * up, down_w, None)
+
+
+def expert_layer(x, mods, cos, sin, bias, k_buf, v_buf, qkv_w, o_w, gu_w, down_w, *, heads: int, hd: int,
+                 eps: float, prefix_len: int, linear=F.linear, impl: str = "matmul"):
+    """One action-expert layer; `mods` (6, w) holds this step's [scale, shift, gate] x 2 (fp32). The
+    action tokens' K/V go into k_buf/v_buf[:, prefix_len:prefix_len + T], after the cached prefix."""
+    h = (_rms(x, eps) * (1.0 + mods[0]) + mods[1]).to(x.dtype)
+    q, k, v = split_qkv(linear(h, qkv_w, None), cos, sin, heads, hd)
+    t = x.shape[1]
+    k_buf[:, prefix_len:prefix_len + t].copy_(k)
+    v_buf[:, prefix_len:prefix_len + t].copy_(v)
+    x = x + linear(attention(q, k_buf, v_buf, bias, heads, impl), o_w, None) * mods[2].to(x.dtype)
+    h = (_rms(x, eps) * (1.0 + mods[3]) + mods[4]).to(x.dtype)
+    gate, up = linear(h, gu_w, None).chunk(2, dim=-1)
+    return x + linear(F.gelu(gate, approximate="tanh") * up, down_w, None) * mods[5].to(x.dtype)
+
+
+def suffix_out(x, mods, w, b, *, eps: float):
+    """Final adaRMS (gate discarded) and the fp32 velocity head."""
+    h = _rms(x, eps) * (1.0 + mods[0]) + mods[1]
+    return F.linear(h.to(w.dtype), w, b).float()
+
+
+# ----- weights ----------------------------------------------------------------------------------------
+
+def fused_weights(model: Pi05Model) -> dict[str, list]:
+    """Per layer kind, the fused and norm-folded matrices (computed in fp32, stored in the model dtype)."""
+    dt = model.dtype
+    out = {"vision": [], "prefix": [], "expert": []}
+    with torch.no_grad():
+        for layer in model.vision.encoder.layers:
+            a, ln1, ln2 = layer.self_attn, layer.layer_norm1, layer.layer_norm2
+            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).float()
+            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).float()
+            qkv_w, qkv_b = w * ln1.weight.float(), bias + w @ ln1.bias.float()
+            fc1 = layer.mlp.fc1
+            fc1_w, fc1_b = fc1.weight.float() * ln2.weight.float(), fc1.bias.float() + fc1.weight.float() @ ln2.bias.float()
+            out["vision"].append([qkv_w.to(dt), qkv_b.to(dt), a.out_proj.weight, a.out_proj.bias, fc1_w.to(dt),
+                                  fc1_b.to(dt), layer.mlp.fc2.weight, layer.mlp.fc2.bias])
+        for layer in model.llm.layers:
+            a = layer.self_attn
+            g1 = 1.0 + layer.input_layernorm.weight.float()
+            g2 = 1.0 + layer.post_attention_layernorm.weight.float()
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).float() * g1
+            gu = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).float() * g2
+            out["prefix"].append([qkv.to(dt), a.o_proj.weight, gu.to(dt), layer.mlp.down_proj.weight])
+        for layer in model.expert.layers:
+            a = layer.self_attn
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            gu = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
+            out["expert"].append([qkv, a.o_proj.weight, gu, layer.mlp.down_proj.weight])
+    return out
+
+
+def precompute_modulations(model: Pi05Model, times: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaRMS [scale, shift, gate] of every expert norm at every step: (steps, depth, 6, w), and the
+    final norm's [scale, shift]: (steps, 2, w). fp32, as openpi computes the modulation."""
+    dev = model.time_mlp_in.weight.device
+    layers, final = [], []
+    with torch.no_grad():
+        for t in times:
+            cond = model.time_conditioning(torch.tensor([t], dtype=torch.float32, device=dev))
+            per_layer = []
+            for layer in model.expert.layers:
+                mods = layer.input_layernorm.modulation(cond) + layer.post_attention_layernorm.modulation(cond)
+                per_layer.append(torch.cat([m.reshape(1, -1) for m in mods]).float())
+            layers.append(torch.stack(per_layer))
+            scale, shift, _ = model.expert.norm.modulation(cond)
+            final.append(torch.cat([scale.reshape(1, -1), shift.reshape(1, -1)]).float())
+    return torch.stack(layers), torch.stack(final)
+
+
+# ----- per-shape state ----------------------------------------------------------------------------------
+
+@dataclass
+class _Shape:
+    batch: int
+    slots: tuple[int, ...]  # camera slots encoded (present for at least one row)
+    prompt: int  # prompt bucket
+
+    @property
+    def key(self):
+        return (self.batch, self.slots, self.prompt)
+
+
+@dataclass
+class _State:
+    """Static buffers for one shape: inputs, the KV cache, and outputs."""
+
+    pixels: torch.Tensor  # (S * B, 3, H, W)
+    slot_mask: torch.Tensor  # (S, B) bool
+    tokens: torch.Tensor  # (B, P)
+    token_mask: torch.Tensor  # (B, P)
+    noise: torch.Tensor  # (B, chunk, action_dim) fp32
+    image_tokens: torch.Tensor  # (B, S * 256, width)
+    prefix_len: int  # L: image tokens + prompt bucket
+    k: list[torch.Tensor]  # per layer (B, S, hd): the prefix (L), the action tokens (chunk), masked padding
+    v: list[torch.Tensor]
+    bias: torch.Tensor  # (B, 1, S) fp32: 0 for valid keys, MASKED for padding
+    cos: torch.Tensor  # the action tokens' RoPE (B, chunk, hd)
+    sin: torch.Tensor
+    actions: torch.Tensor  # (B, chunk, action_dim) fp32
+    graphs: dict = field(default_factory=dict)
+
+
+class CompiledSampler:
+    """Pi0.5 sampling through fused, compiled layers; CUDA graphs on GPU (see the module docstring)."""
+
+    name = "compile"
+
+    def __init__(self, model: Pi05Model, num_steps: int = 10, compile: bool = True, cuda_graphs: bool | None = None,
+                 compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
+                 linear=None):
+        self.model = model
+        self.cfg = cfg = model.config
+        self.device = model.llm.embed_tokens.weight.device
+        self.dtype = model.dtype
+        self.num_steps = int(num_steps)
+        self.times, self.dt = euler_times(self.num_steps)
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.weights = self.prepare_weights(fused_weights(model))
+        self.mods, self.final_mods = precompute_modulations(model, self.times)
+        self._linear = linear or F.linear
+        if attention not in ("matmul", "sdpa"):
+            raise ValueError(f"unknown attention {attention!r}; choose matmul or sdpa")
+        self._impl = attention
+        hd, heads, eps = cfg.head_dim, cfg.num_heads, cfg.norm_eps
+        fns = {
+            "vision": functools.partial(siglip_layer, heads=cfg.vision_heads, eps=cfg.norm_eps, linear=self._linear),
+            "prefix": functools.partial(prefix_layer, heads=heads, hd=hd, eps=eps, kv_only=False, linear=self._linear,
+                                        impl=self._impl),
+            "prefix_kv": functools.partial(prefix_layer, heads=heads, hd=hd, eps=eps, kv_only=True, linear=self._linear,
+                                           impl=self._impl),
+            "out": functools.partial(suffix_out, eps=eps),
+        }
+        if compile:
+            fns = {k: torch.compile(f, fullgraph=True, dynamic=False, mode=compile_mode) for k, f in fns.items()}
+        self._fn = fns
+        self._expert = {}  # prefix length -> compiled expert layer (prefix_len is baked in)
+        self._compile, self._compile_mode = compile, compile_mode
+        self._expert_mode = expert_compile_mode or compile_mode
+        self._states: dict[tuple, _State] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    def prepare_weights(self, weights: dict[str, list]) -> dict[str, list]:
+        """Hook for subclasses (FP8 swaps matrices here)."""
+        return weights
+
+    def _expert_fn(self, prefix_len: int):
+        if prefix_len not in self._expert:
+            cfg = self.cfg
+            f = functools.partial(expert_layer, heads=cfg.num_heads, hd=cfg.head_dim, eps=cfg.norm_eps,
+                                  prefix_len=prefix_len, linear=self._linear, impl=self._impl)
+            self._expert[prefix_len] = torch.compile(f, fullgraph=True, dynamic=False, mode=self._expert_mode) \
+                if self._compile else f
+        return self._expert[prefix_len]
+
+    # ----- shapes and buffers ---------------------------------------------------------------------------
+    def shape_for(self, image_masks, token_masks) -> _Shape:
+        masks = [m.detach().to("cpu", torch.bool) for m in image_masks]
+        slots = tuple(i for i, m in enumerate(masks) if bool(m.any()))
+        longest = int(token_masks.detach().to("cpu").sum(1).max())
+        cap = self.cfg.max_token_len
+        bucket = next((b for b in PROMPT_BUCKETS if b >= longest and b <= cap), cap)
+        return _Shape(int(token_masks.shape[0]), slots, min(bucket, cap))
+
+    def _state(self, shape: _Shape) -> _State:
+        if shape.key in self._states:
+            return self._states[shape.key]
+        cfg, dev, b = self.cfg, self.device, shape.batch
+        s = len(shape.slots)
+        n_img = s * cfg.num_patches
+        length = n_img + shape.prompt
+        h = cfg.chunk_size
+        keys = -(-(length + h) // KEY_ALIGN) * KEY_ALIGN
+        kv = lambda: torch.zeros(b, keys, cfg.head_dim, dtype=self.dtype, device=dev)  # noqa: E731
+        bias = torch.full((b, 1, keys), MASKED, device=dev)
+        bias[:, :, length:length + h] = 0.0  # the action tokens always see each other
+        st = _State(
+            pixels=torch.zeros(s * b, 3, cfg.image_size, cfg.image_size, device=dev),
+            slot_mask=torch.zeros(s, b, dtype=torch.bool, device=dev),
+            tokens=torch.zeros(b, shape.prompt, dtype=torch.long, device=dev),
+            token_mask=torch.zeros(b, shape.prompt, dtype=torch.bool, device=dev),
+            noise=torch.zeros(b, h, cfg.action_dim, device=dev),
+            image_tokens=torch.zeros(b, n_img, cfg.width, dtype=self.dtype, device=dev),
+            prefix_len=length, k=[kv() for _ in range(cfg.depth)], v=[kv() for _ in range(cfg.depth)],
+            bias=bias,
+            cos=torch.zeros(b, h, cfg.head_dim, dtype=self.dtype, device=dev),
+            sin=torch.zeros(b, h, cfg.head_dim, dtype=self.dtype, device=dev),
+            actions=torch.zeros(b, h, cfg.action_dim, device=dev),
+        )
+        self._states[shape.key] = st
+        if self.cuda_graphs:
+            self._capture(shape, st)
+        return st
+
+    # ----- the three stages (pure GPU work on static buffers: capturable) --------------------------------
+    def _vision(self, shape: _Shape, st: _State) -> None:
+        if not shape.slots:
+            return
+        m = self.model
+        x = m.vision.embeddings(st.pixels, self.dtype)
+        for w in self.weights["vision"]:
+            x = self._fn["vision"](x, *w)
+        x = m.projector(m.vision.post_layernorm(x))  # (S * B, 256, width)
+        b = shape.batch
+        st.image_tokens.copy_(torch.cat(x.split(b, dim=0), dim=1))
+
+    def _valid(self, st: _State) -> torch.Tensor:
+        """(B, L) bool: image tokens of present slots per row, then the prompt's real tokens."""
+        return torch.cat([st.slot_mask.t().repeat_interleave(self.cfg.num_patches, dim=1), st.token_mask], dim=1)
+
+    def _finish_prefix(self, st: _State, valid: torch.Tensor) -> None:
+        """What the denoise loop needs from the prefix besides K/V: the key mask and the action tokens'
+        RoPE (their positions start after the valid prefix tokens)."""
+        cfg = self.cfg
+        st.bias[:, 0, : valid.shape[1]].copy_(torch.where(valid, 0.0, MASKED))
+        suffix_pos = valid.sum(dim=1, keepdim=True) + torch.arange(cfg.chunk_size, device=self.device)
+        cos_s, sin_s = rope_cos_sin(suffix_pos, cfg.head_dim, cfg.rope_theta, self.dtype)
+        st.cos.copy_(cos_s[:, 0])
+        st.sin.copy_(sin_s[:, 0])
+
+    def _prefix(self, shape: _Shape, st: _State) -> None:
+        cfg, m = self.cfg, self.model
+        x = torch.cat([st.image_tokens, m.llm.embed(st.tokens).to(self.dtype)], dim=1)
+        valid = self._valid(st)
+        self._finish_prefix(st, valid)
+        positions = torch.cumsum(valid, dim=1) - 1  # openpi's positions: valid tokens count 0, 1, ...
+        cos, sin = (c[:, 0] for c in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype))
+        bias = st.bias[:, :, : valid.shape[1]]
+        last = cfg.depth - 1
+        for i, w in enumerate(self.weights["prefix"]):
+            fn = self._fn["prefix_kv" if i == last else "prefix"]
+            x = fn(x, cos, sin, bias, st.k[i], st.v[i], *w)
+
+    def _denoise(self, shape: _Shape, st: _State) -> None:
+        m = self.model
+        layer = self._expert_fn(st.prefix_len)
+        x = st.noise.clone()
+        for step in range(self.num_steps):
+            h = m.action_in_proj(x).to(self.dtype)
+            mods = self.mods[step]
+            for i, w in enumerate(self.weights["expert"]):
+                h = layer(h, mods[i], st.cos, st.sin, st.bias, st.k[i], st.v[i], *w)
+            v = self._fn["out"](h, self.final_mods[step], m.action_out_proj.weight, m.action_out_proj.bias)
+            x = x + self.dt * v
+        st.actions.copy_(x)
+
+    def _capture(self, shape: _Shape, st: _State) -> None:
+        """Compile and warm up on a side stream, then capture each stage as a CUDA graph."""
+        stages = (("vision", self._vision), ("prefix", self._prefix), ("denoise", self._denoise))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=64):
+            for _ in range(2):
+                for _, fn in stages:
+                    fn(shape, st)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        for name, fn in stages:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                fn(shape, st)
+            st.graphs[name] = g
+
+    # ----- public API -------------------------------------------------------------------------------------
+    def _load_inputs(self, shape: _Shape, st: _State, images, image_masks, tokens, token_masks, noise) -> None:
+        b = shape.batch
+        for j, slot in enumerate(shape.slots):
+            st.pixels[j * b:(j + 1) * b].copy_(images[slot], non_blocking=True)
+            st.slot_mask[j].copy_(image_masks[slot], non_blocking=True)
+        p = shape.prompt
+        st.tokens.copy_(tokens[:, :p], non_blocking=True)
+        st.token_mask.copy_(token_masks[:, :p], non_blocking=True)
+        st.noise.copy_(noise, non_blocking=True)
+
+    def _run(self, name: str, shape: _Shape, st: _State) -> None:
+        if self.cuda_graphs:
+            st.graphs[name].replay()
+        else:
+            getattr(self, "_" + name)(shape, st)
+
+    @torch.no_grad()
+    def prepare(self, batch_size: int, slots=(0, 1), prompt_tokens: int = 32) -> None:
+        """Compile and capture ahead of the first call (e.g. at load time) for a batch size."""
+        masks = [torch.full((batch_size,), i in slots) for i in range(3)]
+        tmask = torch.zeros(batch_size, self.cfg.max_token_len, dtype=torch.bool)
+        tmask[:, :prompt_tokens] = True
+        self._state(self.shape_for(masks, tmask))
+
+    @torch.no_grad()
+    def encode(self, images, image_masks, tokens, token_masks):
+        """Vision + prefix into the static cache; returns the handle `denoise` takes."""
+        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
+        shape = self.shape_for(image_masks, token_masks)
+        st = self._state(shape)
+        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, torch.zeros_like(st.noise))
+        self._run("vision", shape, st)
+        self._run("prefix", shape, st)
+        return shape, st
+
+    @torch.no_grad()
+    def denoise(self, handle, noise: torch.Tensor) -> torch.Tensor:
+        shape, st = handle
+        st.noise.copy_(noise, non_blocking=True)
+        self._run("denoise", shape, st)
+        return st.actions.clone()
+
+    def stages(self, images, image_masks, tokens, token_masks, noise) -> dict:
+        """Callables that each run one stage alone on prepared inputs (for the benchmark)."""
+        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
+        shape = self.shape_for(image_masks, token_masks)
+        st = self._state(shape)
+        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, noise)
+        for name in ("vision", "prefix", "denoise"):
+            self._run(name, shape, st)
+        return {name: functools.partial(self._run, name, shape, st) for name in ("vision", "prefix", "denoise")}
+
+    @torch.no_grad()
+    def __call__(self, images, image_masks, tokens, token_masks, noise) -> torch.Tensor:
+        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
+        shape = self.shape_for(image_masks, token_masks)
+        st = self._state(shape)
+        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, noise)
+        for name in ("vision", "prefix", "denoise"):
+            self._run(name, shape, st)
+        return st.actions.clone()
+

@@ -1,0 +1,184 @@
+"""The `fp8` backend: the `compile` backend with FP8 (e4m3) weights and activations in the large
+matrix products, through `torch._scaled_mm` (Hopper and Ada GPUs).
+
+Which products: every Gemma 2B matrix (the prefix is arithmetic-bound: FP8 doubles the tensor-core
+rate), the SigLIP matrices, and the action expert's MLP (its largest weights; halving their bytes
+shortens each memory-bound denoise step). Attention score/value products stay bf16.
+
+Scales are static and per tensor: weight scale = amax(|W|) / 448; activation scale = amax / 448 of
+that product's input, calibrated by running the backend's own (bf16) computation on calibration
+inputs, so the statistics are those of the fused, norm-folded matrices actually quantized. The
+calibrator is nvidia-modelopt's MaxCalibrator when modelopt is installed (the `fp8` extra), else
+the same statistic (running max of |x|) computed here. Default calibration inputs: a LIBERO frame
+pair (libero_spatial task 0, shipped in calibration/) with a LIBERO-length prompt; pass your own
+batches with `calibration=[(images, image_masks, tokens, token_masks), ...]`.
+
+`emulate=True` dequantizes instead of calling `_scaled_mm`, so the quantization itself can be
+checked on a CPU; it is not fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from policy.backends.compiled import CompiledSampler, fused_weights
+from policy.pi05.model import Pi05Model
+
+log = logging.getLogger(__name__)
+
+E4M3_MAX = 448.0
+# (layer kind, index in that kind's weight list) of the matrices that go FP8; see fused_weights.
+FP8_MATRICES = {
+    "vision": (0, 2, 4, 6),  # qkv, out, fc1, fc2
+    "prefix": (0, 1, 2, 3),  # qkv, o, gate|up, down
+    "expert": (2, 3),  # gate|up, down
+}
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
+
+
+class _Max:
+    """Running max of |x| (what modelopt's MaxCalibrator computes with axis=None)."""
+
+    def __init__(self):
+        self.amax = None
+
+    def collect(self, x):
+        a = x.detach().abs().amax().float()
+        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+
+    def compute_amax(self):
+        return self.amax
+
+
+def _calibrator_factory(kind: str):
+    if kind in ("auto", "modelopt"):
+        try:
+            from modelopt.torch.quantization.calib import MaxCalibrator
+
+            return (lambda: MaxCalibrator(num_bits=(4, 3), axis=None)), "modelopt"
+        except ImportError:
+            if kind == "modelopt":
+                raise ImportError("calibrator='modelopt' needs nvidia-modelopt: pip install -e '.[fp8]'") from None
+    elif kind != "max":
+        raise ValueError(f"unknown calibrator {kind!r}; choose auto, modelopt or max")
+    return _Max, "max"
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"FP8 matrix products need a CUDA GPU; the model is on {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if (major, minor) < (8, 9):
+        return False, f"{name} (compute capability {major}.{minor}) has no FP8 tensor cores; FP8 needs 8.9+ (Ada, Hopper)"
+    return True, name
+
+
+def quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_linear(x, w, bias=None):
+    """F.linear, or an FP8 product when `w` is (w8 (N, K) e4m3, w_scale, x_scale)."""
+    if not isinstance(w, tuple):
+        return F.linear(x, w, bias)
+    w8, w_scale, x_scale = w
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m = x2.shape[0]
+    pad = (-m) % 16  # _scaled_mm wants every dimension a multiple of 16
+    if pad:
+        x2 = F.pad(x2, (0, 0, 0, pad))
+    out = torch._scaled_mm(quantize(x2, x_scale), w8.t(), scale_a=x_scale, scale_b=w_scale,
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out[:m].reshape(*shape[:-1], -1)
+
+
+def fp8_linear_emulated(x, w, bias=None):
+    """The same arithmetic with dequantized operands (for checking on a CPU)."""
+    if not isinstance(w, tuple):
+        return F.linear(x, w, bias)
+    w8, w_scale, x_scale = w
+    xq = quantize(x, x_scale).float() * x_scale
+    out = F.linear(xq, w8.float() * w_scale, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+def default_calibration(model: Pi05Model, prompt_tokens: int = 24, seed: int = 0):
+    """The shipped LIBERO frame pair with random prompt ids of a LIBERO-like length."""
+    from PIL import Image
+
+    cfg, dev = model.config, model.llm.embed_tokens.weight.device
+    frames = []
+    for name in ("agentview.png", "wrist.png"):
+        img = np.asarray(Image.open(CALIBRATION_DIR / name).convert("RGB").resize((cfg.image_size, cfg.image_size)))
+        frames.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float()[None] / 255 * 2 - 1)
+    images = [frames[0].to(dev), frames[1].to(dev), torch.full_like(frames[0], -1.0).to(dev)]
+    masks = [torch.tensor([True], device=dev), torch.tensor([True], device=dev), torch.tensor([False], device=dev)]
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(1, cfg.max_token_len, dtype=torch.long)
+    tokens[0, :prompt_tokens] = torch.randint(3, cfg.vocab_size, (prompt_tokens,), generator=g)
+    tokens[0, 0] = 2
+    return [(images, masks, tokens.to(dev), (tokens != 0).to(dev))]
+
+
+def calibrate(model: Pi05Model, num_steps: int, batches, calibrator: str = "auto") -> tuple[dict, str]:
+    """amax of the input of every FP8 matrix, keyed (kind, layer, index), from the bf16 computation."""
+    make, used = _calibrator_factory(calibrator)
+    probes: dict[int, object] = {}
+
+    def recording_linear(x, w, bias=None):
+        probes.setdefault(w.data_ptr(), make()).collect(x)
+        return F.linear(x, w, bias)
+
+    ref = CompiledSampler(model, num_steps=num_steps, compile=False, cuda_graphs=False, linear=recording_linear)
+    for images, masks, tokens, token_masks in batches:
+        noise = torch.randn(tokens.shape[0], model.config.chunk_size, model.config.action_dim, device=tokens.device)
+        ref(images, masks, tokens, token_masks, noise)
+    amax = {}
+    for kind, idx in FP8_MATRICES.items():
+        for i, ws in enumerate(ref.weights[kind]):
+            for j in idx:
+                probe = probes.get(ws[j].data_ptr())
+                if probe is None:  # never used (the last prefix layer only makes K/V): stays as it is
+                    continue
+                amax[(kind, i, j)] = probe.compute_amax().float().reshape(())
+    return amax, used
+
+
+class Fp8Sampler(CompiledSampler):
+    """`compile` with FP8 matrix products (see the module docstring)."""
+
+    name = "fp8"
+
+    def __init__(self, model: Pi05Model, num_steps: int = 10, calibration=None, calibrator: str = "auto",
+                 emulate: bool = False, **options):
+        device = model.llm.embed_tokens.weight.device
+        if not emulate:
+            ok, why = fp8_supported(device)
+            if not ok:
+                raise RuntimeError(f"backend 'fp8' cannot run here: {why}. Use backend=compile (bf16) instead.")
+        batches = calibration if calibration is not None else default_calibration(model)
+        self.amax, self.calibrator = calibrate(model, num_steps, batches, calibrator)
+        log.info("fp8: calibrated %d activation scales with the %s calibrator", len(self.amax), self.calibrator)
+        if emulate:
+            options.setdefault("compile", False)
+            options.setdefault("cuda_graphs", False)
+        super().__init__(model, num_steps=num_steps, linear=fp8_linear_emulated if emulate else fp8_linear, **options)
+
+    def prepare_weights(self, weights: dict[str, list]) -> dict[str, list]:
+        out = {kind: [list(ws) for ws in layers] for kind, layers in weights.items()}
+        for (kind, i, j), amax in self.amax.items():
+            w = out[kind][i][j]
+            w_scale = (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-12).reshape(())
+            x_scale = (amax.to(w.device) / E4M3_MAX).clamp(min=1e-12).reshape(())
+            out[kind][i][j] = (quantize(w, w_scale).contiguous(), w_scale, x_scale)
+        return out
+
+
+__all__ = ["Fp8Sampler", "calibrate", "fp8_linear", "fused_weights"]

@@ -1,0 +1,187 @@
+"""Pi0.5 latency benchmark: every backend, batch sizes, denoising steps; parts, memory, accuracy.
+
+    python -m policy.bench                                  # eager and compile, batch 1/16, steps 1/3/10
+    python -m policy.bench --backends eager,compile,fp8 --out bench.json
+
+Real-size `pi05_libero` with random weights (speed does not depend on the values), 2 cameras (the
+third slot masked, as LIBERO), a LIBERO-length prompt. For each backend, batch size and step count:
+p50/p95 of a full sample (inputs already on the GPU; the policy's host-side preprocessing is not
+included) and of its parts (vision, prefix, denoise loop), timed with CUDA events after warm-up;
+warm-up time (compilation and graph capture); peak GPU memory; speed-up over `eager` from the same
+run; and the max / mean absolute difference of the actions from `eager` on the same inputs and noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from policy.backends import make_sampler
+from policy.pi05.weights import random_model
+
+
+def make_inputs(cfg, batch: int, prompt_tokens: int, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    size = cfg.image_size
+    images = [torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for _ in range(3)]
+    images[2].fill_(-1.0)  # LIBERO: the right wrist slot is padding
+    masks = [torch.ones(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)]
+    tokens = torch.zeros(batch, cfg.max_token_len, dtype=torch.long)
+    tokens[:, :prompt_tokens] = torch.randint(3, cfg.vocab_size, (batch, prompt_tokens), generator=g)
+    tokens[:, 0] = 2  # BOS
+    token_masks = tokens != 0
+    noise = torch.randn(batch, cfg.chunk_size, cfg.action_dim, generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    return [to(x) for x in images], [to(m) for m in masks], to(tokens), to(token_masks), to(noise)
+
+
+def time_fn(fn, iters: int, warmup: int = 3) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return np.asarray(times)
+
+
+def parse_backend(spec: str) -> tuple[str, str, dict]:
+    """"compile" or "compile:attention=sdpa/compile_mode=max-autotune" -> (label, name, options)."""
+    name, _, opts = spec.partition(":")
+    options = {}
+    for item in filter(None, opts.split("/")):
+        key, _, value = item.partition("=")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return spec, name, options
+
+
+def profile(spec: str, batch: int, steps: int, prompt_tokens: int, config="pi05_libero", top: int = 30):
+    """Kernel-level device time of each stage of one backend, outside CUDA graphs (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    label, name, options = parse_backend(spec)
+    device = torch.device("cuda")
+    model = random_model(config, device=device, dtype=torch.bfloat16)
+    inputs = make_inputs(model.config, batch, prompt_tokens, device)
+    sampler = make_sampler(name, model, num_steps=steps, **options)
+    stages = sampler.stages(*inputs)
+    graphs = {k: float(np.percentile(time_fn(fn, 20), 50)) for k, fn in stages.items()}
+    if hasattr(sampler, "cuda_graphs"):
+        sampler.cuda_graphs = False  # run the stages' kernels one by one so the profiler sees each
+    for stage, fn in sampler.stages(*inputs).items():
+        fn()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1000
+        print(f"\n== {label} {stage}: batch {batch}, {steps} steps: as graph {graphs[stage]:.3f} ms, "
+              f"sum of kernel times {kernel_ms:.3f} ms")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60))
+
+
+def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0):
+    device = torch.device("cuda")
+    model = random_model(config, seed=seed, device=device, dtype=torch.bfloat16)
+    cfg = model.config
+    rows = []
+    for batch in batches:
+        inputs = make_inputs(cfg, batch, prompt_tokens, device)
+        reference = {}
+        for steps in steps_list:
+            for spec in backends:
+                label, name, options = parse_backend(spec)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                try:
+                    sampler = make_sampler(name, model, num_steps=steps, **options)
+                    actions = sampler(*inputs)
+                    torch.cuda.synchronize()
+                except Exception as exc:  # report and go on: one backend must not sink the table
+                    rows.append({"backend": label, "batch": batch, "steps": steps, "error": f"{type(exc).__name__}: {exc}"})
+                    print(f"{label} batch {batch} steps {steps}: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                warmup_s = time.perf_counter() - t0
+                full = time_fn(lambda: sampler(*inputs), iters)
+                parts = {k: time_fn(fn, iters) for k, fn in sampler.stages(*inputs).items()}
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                if label == "eager":
+                    reference[steps] = actions.float()
+                ref = reference.get(steps)
+                diff = (actions.float() - ref).abs() if ref is not None else None
+                row = {
+                    "backend": label, "batch": batch, "steps": steps,
+                    "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
+                    **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
+                    **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
+                    "warmup_s": warmup_s, "peak_gib": peak,
+                    "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
+                    "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean()),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del sampler
+    eager = {(r["batch"], r["steps"]): r["p50_ms"] for r in rows if r["backend"] == "eager" and "p50_ms" in r}
+    for r in rows:
+        if "p50_ms" in r and (r["batch"], r["steps"]) in eager:
+            r["speedup_vs_eager"] = eager[(r["batch"], r["steps"])] / r["p50_ms"]
+    return rows
+
+
+def table(rows, gpu: str) -> str:
+    head = (f"{'backend':<24} {'B':>3} {'steps':>5} {'p50 ms':>8} {'p95 ms':>8} {'vision':>7} {'prefix':>7} "
+            f"{'denoise':>8} {'speedup':>8} {'warmup s':>8} {'peak GiB':>8} {'max|d|':>8} {'mean|d|':>8}")
+    out = [f"Pi0.5 latency on {gpu} (torch {torch.__version__})", head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['backend']:<24} {r['batch']:>3} {r['steps']:>5}  error: {r['error'][:90]}")
+            continue
+        d = lambda k: "-" if r.get(k) is None else f"{r[k]:.1e}"  # noqa: E731
+        out.append(f"{r['backend']:<24} {r['batch']:>3} {r['steps']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
+                   f"{r['vision_p50_ms']:>7.2f} {r['prefix_p50_ms']:>7.2f} {r['denoise_p50_ms']:>8.2f} "
+                   f"{r.get('speedup_vs_eager', float('nan')):>7.2f}x {r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} "
+                   f"{d('max_abs_diff_vs_eager'):>8} {d('mean_abs_diff_vs_eager'):>8}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="eager,compile")
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--steps", default="1,3,10")
+    p.add_argument("--prompt-tokens", type=int, default=24, help="prompt length incl. BOS and the newline token")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--config", default="pi05_libero")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--profile", action="store_true", help="print kernel times per stage (first backend, batch, steps)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("the benchmark needs a CUDA GPU")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    if args.profile:
+        for spec in args.backends.split(","):
+            profile(spec, ints(args.batch)[0], ints(args.steps)[0], args.prompt_tokens, args.config)
+        return
+    rows = bench(args.backends.split(","), ints(args.batch), ints(args.steps), args.prompt_tokens, args.iters, args.config)
+    gpu = torch.cuda.get_device_name(0)
+    result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+              "config": args.config, "prompt_tokens": args.prompt_tokens, "cameras": 2, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(table(rows, gpu))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Backends against eager on the golden tiny model (fp32, CPU): every backend that runs on a CPU."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from policy.backends import BACKENDS, get_backend, make_sampler
+from policy.backends.compiled import PROMPT_BUCKETS, CompiledSampler
+from policy.pi05.config import CAMERA_SLOTS
+from policy.pi05.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(golden_dir):
+    return load_model(golden_dir / "tiny_openpi_model.safetensors", config="tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def case(golden_dir):
+    c = load_file(str(golden_dir / "tiny_case.safetensors"))
+    images = [c[f"input.image.{s}"] for s in CAMERA_SLOTS]
+    masks = [c[f"input.image_mask.{s}"] for s in CAMERA_SLOTS]
+    return (images, masks, c["input.tokenized_prompt"], c["input.tokenized_prompt_mask"], c["input.noise"]), c
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError, match="eager, compile, fp8, tensorrt"):
+        get_backend("onnx")
+    assert set(BACKENDS) == {"eager", "compile", "fp8", "tensorrt"}
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_eager_backend_is_the_model(tiny, case, steps):
+    inputs, c = case
+    key = {1: "actions_1step", 3: "actions_3steps", 10: "actions_10steps"}[steps]
+    out = make_sampler("eager", tiny, num_steps=steps)(*inputs)
+    assert (out - c[f"output.{key}"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_compile_backend_structure_matches_eager_without_inductor(tiny, case, steps):
+    """Fused projections, folded norms, precomputed time conditioning, static buffers, prompt buckets."""
+    inputs, c = case
+    sampler = CompiledSampler(tiny, num_steps=steps, compile=False)
+    eager = make_sampler("eager", tiny, num_steps=steps)(*inputs)
+    out = sampler(*inputs)
+    assert (out - eager).abs().max() <= 1e-5
+    assert (out - c[f"output.actions_{'1step' if steps == 1 else '10steps'}"]).abs().max() <= 1e-4
+    # the prompt bucket holds the longest prompt (30 tokens -> 32); only two camera slots were encoded
+    (shape_key,) = sampler._states
+    assert shape_key == (2, (0, 1), PROMPT_BUCKETS[0])
+
+
+def test_compile_backend_with_inductor_matches_eager(tiny, case):
+    inputs, c = case
+    sampler = make_sampler("compile", tiny, num_steps=3)
+    out = sampler(*inputs)
+    assert (out - c["output.actions_3steps"]).abs().max() <= 1e-4
+    # encode/denoise stages compose to the same result
+    again = sampler.denoise(sampler.encode(*inputs[:4]), inputs[4])
+    assert torch.equal(again, out)
+
+
+def test_compile_backend_handles_long_prompts_and_single_rows(tiny, case):
+    (images, masks, tokens, tmask, noise), _ = case
+    sampler = CompiledSampler(tiny, num_steps=2, compile=False)
+    long_mask = torch.zeros_like(tmask)
+    long_mask[:, :150] = True
+    long_tokens = torch.where(long_mask, torch.randint(3, 1000, tokens.shape), 0)
+    out = sampler(images, masks, long_tokens, long_mask, noise)
+    ref = make_sampler("eager", tiny, num_steps=2)(images, masks, long_tokens, long_mask, noise)
+    assert (out - ref).abs().max() <= 1e-5 and (2, (0, 1), 200) in sampler._states
+    one = sampler([x[:1] for x in images], [m[:1] for m in masks], tokens[:1], tmask[:1], noise[:1])
+    assert (one - ref[:1]).abs().max() > 0  # a different prompt: different actions
+    ref1 = make_sampler("eager", tiny, num_steps=2)([x[:1] for x in images], [m[:1] for m in masks], tokens[:1], tmask[:1], noise[:1])
+    assert (one - ref1).abs().max() <= 1e-5
+
+
+def test_cuda_graphs_need_a_gpu(tiny):
+    with pytest.raises(ValueError, match="CUDA"):
+        CompiledSampler(tiny, cuda_graphs=True, compile=False)
+
+
+def test_fp8_quantization_emulated_on_the_cpu_stays_close_to_eager(tiny, case):
+    from policy.backends.fp8 import FP8_MATRICES, Fp8Sampler
+
+    inputs, _ = case
+    sampler = Fp8Sampler(tiny, num_steps=10, emulate=True, calibration=[inputs[:4]])
+    quantized = [(k, i, j) for k, idx in FP8_MATRICES.items() for i in range(len(sampler.weights[k])) for j in idx]
+    unused = {("prefix", 1, 1), ("prefix", 1, 2), ("prefix", 1, 3)}  # the last prefix layer only makes K/V
+    assert set(sampler.amax) == set(quantized) - unused and sampler.calibrator in ("max", "modelopt")
+    quantized = sorted(sampler.amax)
+    for kind, i, j in quantized:
+        w8, w_scale, x_scale = sampler.weights[kind][i][j]
+        assert w8.dtype == torch.float8_e4m3fn and w_scale > 0 and x_scale > 0
+    out = sampler(*inputs)
+    ref = make_sampler("eager", tiny, num_steps=10)(*inputs)
+    err = (out - ref).abs()
+    print(f"fp8 (emulated) vs eager, tiny model: max {err.max():.3e}, mean {err.mean():.3e}")
+    assert 0 < err.mean() < 0.1 and err.max() < 0.5  # FP8 moves the result, but not far
+
+
+def test_fp8_refuses_devices_without_fp8(tiny):
+    from policy.backends.fp8 import Fp8Sampler
+
+    with pytest.raises(RuntimeError, match="use backend=compile|Use backend=compile"):
+        Fp8Sampler(tiny, num_steps=1)
+
+
+def test_tensorrt_backend_without_torch_tensorrt_says_how_to_install(tiny):
+    import importlib.util
+
+    from policy.backends.tensorrt import TensorRTSampler
+
+    assert importlib.util.find_spec("torch_tensorrt") is None  # not installable here
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[tensorrt\]'"):
+        TensorRTSampler(tiny, num_steps=1)
+
+
+def test_tensorrt_stage_modules_equal_the_model(tiny, case):
+    """The modules TensorRT would compile compute exactly what the eager model does."""
+    from policy.backends.tensorrt import PrefixStage, VisionStage
+
+    (images, masks, tokens, tmask, noise), _ = case
+    assert torch.allclose(VisionStage(tiny)(images[0]), tiny.embed_images([images[0]])[0], atol=1e-6)
+    prefix = tiny.embed_prefix(images, masks, tokens, tmask, compact=False)
+    ks, vs = PrefixStage(tiny)(prefix.embs, prefix.valid)
+    cache = tiny.prefill(prefix)
+    valid = prefix.valid
+    assert ks.shape == (2, 2, 968, 16)
+    for i in range(2):
+        assert (ks[i][valid] - cache.k[i][:, 0][valid]).abs().max() < 1e-5
+        assert (vs[i][valid] - cache.v[i][:, 0][valid]).abs().max() < 1e-5
