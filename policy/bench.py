@@ -91,6 +91,38 @@ def profile(spec: str, batch: int, steps: int, prompt_tokens: int, config="pi05_
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60))
 
 
+def warmup_only(spec: str, batch: int, steps: int, prompt_tokens: int, config="pi05_libero") -> float:
+    """Seconds from building the sampler to its first result (compilation and graph capture)."""
+    label, name, options = parse_backend(spec)
+    device = torch.device("cuda")
+    model = random_model(config, device=device, dtype=torch.bfloat16)
+    inputs = make_inputs(model.config, batch, prompt_tokens, device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    make_sampler(name, model, num_steps=steps, **options)(*inputs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def warmup_check(spec: str, batch: int, steps: int, prompt_tokens: int) -> dict:
+    """Two fresh processes sharing one new compile cache: the first compiles, the second should reuse
+    inductor's on-disk cache (what the second job of a sweep gets)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    times = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-m", "policy.bench", "--warmup-only", "--backends", spec,
+                                  "--batch", str(batch), "--steps", str(steps), "--prompt-tokens", str(prompt_tokens)],
+                                 env=env, capture_output=True, text=True, check=True)
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+    return {"backend": spec, "batch": batch, "steps": steps, "first_process_s": times[0], "second_process_s": times[1]}
+
+
 def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0):
     device = torch.device("cuda")
     model = random_model(config, seed=seed, device=device, dtype=torch.bfloat16)
@@ -105,6 +137,9 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
+                if name == "fp8" and "calibration" not in options:
+                    # calibrate on representative data (another draw of the benchmark's inputs), as a user would
+                    options = dict(options, calibration=[make_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
                 try:
                     sampler = make_sampler(name, model, num_steps=steps, **options)
                     actions = sampler(*inputs)
@@ -166,10 +201,20 @@ def main(argv=None):
     p.add_argument("--config", default="pi05_libero")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--profile", action="store_true", help="print kernel times per stage (first backend, batch, steps)")
+    p.add_argument("--warmup-check", action="store_true",
+                   help="warm-up of a new process with a cold, then a warm compile cache (each backend)")
+    p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    if args.warmup_only:
+        print(warmup_only(args.backends, ints(args.batch)[0], ints(args.steps)[0], args.prompt_tokens, args.config))
+        return
+    if args.warmup_check:
+        for spec in args.backends.split(","):
+            print(json.dumps(warmup_check(spec, ints(args.batch)[0], ints(args.steps)[0], args.prompt_tokens)))
+        return
     if args.profile:
         for spec in args.backends.split(","):
             profile(spec, ints(args.batch)[0], ints(args.steps)[0], args.prompt_tokens, args.config)

@@ -118,6 +118,14 @@ def expert_layer(x, mods, cos, sin, bias, k_buf, v_buf, qkv_w, o_w, gu_w, down_w
     return x + linear(F.gelu(gate, approximate="tanh") * up, down_w, None) * mods[5].to(x.dtype)
 
 
+def expert_stack(x, mods, cos, sin, bias, ks, vs, weights, **kw):
+    """All expert layers of one denoise step (compiled as one graph with `whole_step=True`, so
+    inductor can also fuse across layer boundaries)."""
+    for i, w in enumerate(weights):
+        x = expert_layer(x, mods[i], cos, sin, bias, ks[i], vs[i], *w, **kw)
+    return x
+
+
 def suffix_out(x, mods, w, b, *, eps: float):
     """Final adaRMS (gate discarded) and the fp32 velocity head."""
     h = _rms(x, eps) * (1.0 + mods[0]) + mods[1]
@@ -213,7 +221,7 @@ class CompiledSampler:
 
     def __init__(self, model: Pi05Model, num_steps: int = 10, compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
-                 linear=None):
+                 whole_step: bool = True, linear=None):
         self.model = model
         self.cfg = cfg = model.config
         self.device = model.llm.embed_tokens.weight.device
@@ -244,6 +252,7 @@ class CompiledSampler:
         self._expert = {}  # prefix length -> compiled expert layer (prefix_len is baked in)
         self._compile, self._compile_mode = compile, compile_mode
         self._expert_mode = expert_compile_mode or compile_mode
+        self._whole_step = bool(whole_step)
         self._states: dict[tuple, _State] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -254,7 +263,8 @@ class CompiledSampler:
     def _expert_fn(self, prefix_len: int):
         if prefix_len not in self._expert:
             cfg = self.cfg
-            f = functools.partial(expert_layer, heads=cfg.num_heads, hd=cfg.head_dim, eps=cfg.norm_eps,
+            f = functools.partial(expert_stack if self._whole_step else expert_layer, heads=cfg.num_heads,
+                                  hd=cfg.head_dim, eps=cfg.norm_eps,
                                   prefix_len=prefix_len, linear=self._linear, impl=self._impl)
             self._expert[prefix_len] = torch.compile(f, fullgraph=True, dynamic=False, mode=self._expert_mode) \
                 if self._compile else f
@@ -345,8 +355,11 @@ class CompiledSampler:
         for step in range(self.num_steps):
             h = m.action_in_proj(x).to(self.dtype)
             mods = self.mods[step]
-            for i, w in enumerate(self.weights["expert"]):
-                h = layer(h, mods[i], st.cos, st.sin, st.bias, st.k[i], st.v[i], *w)
+            if self._whole_step:
+                h = layer(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"])
+            else:
+                for i, w in enumerate(self.weights["expert"]):
+                    h = layer(h, mods[i], st.cos, st.sin, st.bias, st.k[i], st.v[i], *w)
             v = self._fn["out"](h, self.final_mods[step], m.action_out_proj.weight, m.action_out_proj.bias)
             x = x + self.dt * v
         st.actions.copy_(x)
