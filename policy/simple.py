@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,13 @@ class ZeroPolicy:
 
     needs_privileged = False
 
-    def __init__(self, chunk_size: int = 10):
+    def __init__(self, chunk_size: int = 10, delay_s: float = 0.0):
         self.chunk_size = int(chunk_size)
+        self.delay_s = float(delay_s)  # simulated inference time (to exercise servers and batching)
 
     def infer(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         actions = np.zeros((batch_size(batch), self.chunk_size, ACTION_DIM), dtype=np.float32)
         actions[..., -1] = -1.0
         return {"actions": actions}
