@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from policy.pi05.config import get_config
-from policy.pi05.jax_checkpoint import JaxCheckpoint, array_plan, check_arrays, to_torch
+from policy.pi05.jax_checkpoint import JaxCheckpoint, array_plan, check_arrays, iter_parameters
 from policy.pi05.weights import IGNORED_KEYS, UNTIED_EMBEDDING, TIED_EMBEDDING, openpi_key
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -57,7 +57,7 @@ def convert(src: str | Path, dst: str | Path, config: str = "pi05_libero", dtype
     entries = []
     for idx, entry in enumerate(plan):
         out_dtype = _source_dtype(ckpt, entry.path) if dtype == "source" else _OUT_DTYPES[dtype]
-        entries += [[openpi_key(name), shapes[name], out_dtype, idx] for name, _ in entry.targets]
+        entries += [[openpi_key(name), shapes[name], out_dtype, idx] for name, _, _ in entry.targets]
     if unused_lm_head:  # openpi's strict loader wants it; it is unused (ours ignores it): zeros
         (ignored,) = IGNORED_KEYS
         entries.append([ignored, (cfg.vocab_size, cfg.expert_width), entries[0][2], None])
@@ -78,15 +78,14 @@ def convert(src: str | Path, dst: str | Path, config: str = "pi05_libero", dtype
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         written = iter(entries)
-        for idx, entry in enumerate(plan):
-            array = ckpt.read(entry.path)
-            for name, fn in entry.targets:
-                key, shape, dt, _ = next(written)
-                t = to_torch(fn(array)).to(dt).contiguous()
-                assert tuple(t.shape) == shape, (key, t.shape, shape)
-                f.write(t.view(torch.uint8).numpy())
-            del array
-            log(f"  [{idx + 1}/{len(plan)}] {entry.path}")
+        done = -1
+        for name, tensor in iter_parameters(ckpt, plan):  # one array (or one layer of one) at a time
+            key, shape, dt, idx = next(written)
+            assert key == openpi_key(name) and tuple(tensor.shape) == shape, (key, name, tensor.shape, shape)
+            f.write(tensor.to(dt).contiguous().view(torch.uint8).numpy())
+            if idx != done:
+                done = idx
+                log(f"  [{idx + 1}/{len(plan)}] {plan[idx].path}")
         if unused_lm_head:
             key, (rows, cols), dt, _ = next(written)
             block = torch.zeros(min(rows, 4096), cols, dtype=dt).view(torch.uint8).numpy()

@@ -33,7 +33,9 @@ from policy.pi05.weights import CheckpointMismatch, build_model, load_state, par
 class ArrayPlan:
     path: str  # openpi's spelling, e.g. "PaliGemma/llm/layers/attn/q_einsum/w"
     shape: tuple[int, ...]
-    targets: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...]  # (our parameter name, transform)
+    # (our parameter name, layer index or None, transform): the transform gets array[layer] (one
+    # layer of a stacked array, read on its own) or the whole array when the index is None.
+    targets: tuple[tuple[str, int | None, Callable[[np.ndarray], np.ndarray]], ...]
 
 
 def _same(a):
@@ -46,7 +48,11 @@ def _t(a):
 
 def _layers(path, shape, name, fn, depth) -> ArrayPlan:
     """A stacked per-layer array: layer i of `name` ("...{i}...") is fn(array[i])."""
-    return ArrayPlan(path, shape, tuple((name.format(i=i), (lambda a, i=i: fn(a[i]))) for i in range(depth)))
+    return ArrayPlan(path, shape, tuple((name.format(i=i), i, fn) for i in range(depth)))
+
+
+def _whole(path, shape, name, fn=None) -> ArrayPlan:
+    return ArrayPlan(path, shape, ((name, None, fn or _same),))
 
 
 def array_plan(cfg: Pi05Config) -> list[ArrayPlan]:
@@ -58,11 +64,11 @@ def array_plan(cfg: Pi05Config) -> list[ArrayPlan]:
     img, enc, llm = "PaliGemma/img", "PaliGemma/img/Transformer/encoderblock", "PaliGemma/llm"
     v = "vision.encoder.layers.{i}."
     plan = [
-        ArrayPlan(f"{img}/embedding/kernel", (ps, ps, 3, W),
-                  (("vision.embeddings.patch_embedding.weight", lambda a: a.transpose(3, 2, 0, 1)),)),
-        ArrayPlan(f"{img}/embedding/bias", (W,), (("vision.embeddings.patch_embedding.bias", _same),)),
-        ArrayPlan(f"{img}/pos_embedding", (1, n, W), (("vision.embeddings.position_embedding.weight",
-                                                         lambda a: a.reshape(n, W)),)),
+        _whole(f"{img}/embedding/kernel", (ps, ps, 3, W), "vision.embeddings.patch_embedding.weight",
+               lambda a: a.transpose(3, 2, 0, 1)),  # HWIO -> OIHW
+        _whole(f"{img}/embedding/bias", (W,), "vision.embeddings.patch_embedding.bias", _same),
+        _whole(f"{img}/pos_embedding", (1, n, W), "vision.embeddings.position_embedding.weight",
+               lambda a: a.reshape(n, W)),
         _layers(f"{enc}/LayerNorm_0/scale", (L, W), v + "layer_norm1.weight", _same, L),
         _layers(f"{enc}/LayerNorm_0/bias", (L, W), v + "layer_norm1.bias", _same, L),
         _layers(f"{enc}/LayerNorm_1/scale", (L, W), v + "layer_norm2.weight", _same, L),
@@ -81,12 +87,12 @@ def array_plan(cfg: Pi05Config) -> list[ArrayPlan]:
     plan += [
         _layers(f"{a}/kernel", (L, vh, vhd, W), v + "self_attn.out_proj.weight", lambda x: x.reshape(vh * vhd, W).T, L),
         _layers(f"{a}/bias", (L, W), v + "self_attn.out_proj.bias", _same, L),
-        ArrayPlan(f"{img}/Transformer/encoder_norm/scale", (W,), (("vision.post_layernorm.weight", _same),)),
-        ArrayPlan(f"{img}/Transformer/encoder_norm/bias", (W,), (("vision.post_layernorm.bias", _same),)),
-        ArrayPlan(f"{img}/head/kernel", (W, D), (("projector.linear.weight", _t),)),
-        ArrayPlan(f"{img}/head/bias", (D,), (("projector.linear.bias", _same),)),
-        ArrayPlan(f"{llm}/embedder/input_embedding", (cfg.vocab_size, D), (("llm.embed_tokens.weight", _same),)),
-        ArrayPlan(f"{llm}/final_norm/scale", (D,), (("llm.norm.weight", _same),)),
+        _whole(f"{img}/Transformer/encoder_norm/scale", (W,), "vision.post_layernorm.weight", _same),
+        _whole(f"{img}/Transformer/encoder_norm/bias", (W,), "vision.post_layernorm.bias", _same),
+        _whole(f"{img}/head/kernel", (W, D), "projector.linear.weight", _t),
+        _whole(f"{img}/head/bias", (D,), "projector.linear.bias", _same),
+        _whole(f"{llm}/embedder/input_embedding", (cfg.vocab_size, D), "llm.embed_tokens.weight", _same),
+        _whole(f"{llm}/final_norm/scale", (D,), "llm.norm.weight", _same),
     ]
     # Gemma 2B (suffix "") and the action expert (suffix "_1") share the einsum layouts.
     for sfx, width, mlp, prefix in (("", D, G, "llm.layers.{i}."), ("_1", E, EM, "expert.layers.{i}.")):
@@ -106,11 +112,12 @@ def array_plan(cfg: Pi05Config) -> list[ArrayPlan]:
         ]
         # k/v and gate/up come from the same arrays: add the second target of each.
         kv, gating = plan[-4], plan[-2]
-        plan[-4] = ArrayPlan(kv.path, kv.shape, kv.targets + tuple(
-            (prefix.format(i=i) + "self_attn.v_proj.weight", (lambda x, i=i: x[i][1].transpose(0, 2, 1).reshape(nkv * hd, -1)))
-            for i in range(depth)))
-        plan[-2] = ArrayPlan(gating.path, gating.shape, gating.targets + tuple(
-            (prefix.format(i=i) + "mlp.up_proj.weight", (lambda x, i=i: x[i][1].T)) for i in range(depth)))
+        by_layer = lambda targets: tuple(sorted(targets, key=lambda t: t[1]))  # noqa: E731  (read each layer once)
+        plan[-4] = ArrayPlan(kv.path, kv.shape, by_layer(kv.targets + tuple(
+            (prefix.format(i=i) + "self_attn.v_proj.weight", i, lambda x: x[1].transpose(0, 2, 1).reshape(nkv * hd, -1))
+            for i in range(depth))))
+        plan[-2] = ArrayPlan(gating.path, gating.shape, by_layer(gating.targets + tuple(
+            (prefix.format(i=i) + "mlp.up_proj.weight", i, lambda x: x[1].T) for i in range(depth))))
     lay = f"{llm}/layers"
     plan += [
         _layers(f"{lay}/pre_attention_norm/scale", (depth, D), "llm.layers.{i}.input_layernorm.weight", _same, depth),
@@ -122,13 +129,12 @@ def array_plan(cfg: Pi05Config) -> list[ArrayPlan]:
             _layers(f"{lay}/{jname}/Dense_0/bias", (depth, 3 * E), "expert.layers.{i}." + ours + ".dense.bias", _same, depth),
         ]
     plan += [
-        ArrayPlan(f"{llm}/final_norm_1/Dense_0/kernel", (E, 3 * E), (("expert.norm.dense.weight", _t),)),
-        ArrayPlan(f"{llm}/final_norm_1/Dense_0/bias", (3 * E,), (("expert.norm.dense.bias", _same),)),
+        _whole(f"{llm}/final_norm_1/Dense_0/kernel", (E, 3 * E), "expert.norm.dense.weight", _t),
+        _whole(f"{llm}/final_norm_1/Dense_0/bias", (3 * E,), "expert.norm.dense.bias", _same),
     ]
     for head, (i, o) in (("action_in_proj", (cfg.action_dim, E)), ("action_out_proj", (E, cfg.action_dim)),
                          ("time_mlp_in", (E, E)), ("time_mlp_out", (E, E))):
-        plan += [ArrayPlan(f"{head}/kernel", (i, o), ((f"{head}.weight", _t),)),
-                 ArrayPlan(f"{head}/bias", (o,), ((f"{head}.bias", _same),))]
+        plan += [_whole(f"{head}/kernel", (i, o), f"{head}.weight", _t), _whole(f"{head}/bias", (o,), f"{head}.bias")]
     return plan
 
 
@@ -167,8 +173,10 @@ class JaxCheckpoint:
     def shape(self, path: str) -> tuple[int, ...]:
         return tuple(self._open(path).shape)  # the array's own shape (write_shape is per shard)
 
-    def read(self, path: str) -> np.ndarray:
-        return np.asarray(self._open(path).read().result())
+    def read(self, path: str, index: int | None = None) -> np.ndarray:
+        """The array, or only its `index`-th slice along the first (layer) axis."""
+        store = self._open(path)
+        return np.asarray((store if index is None else store[index]).read().result())
 
 
 def to_torch(a: np.ndarray) -> torch.Tensor:
@@ -197,12 +205,14 @@ def check_arrays(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> None:
 
 
 def iter_parameters(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our parameter name, tensor) for every parameter, reading one array at a time."""
+    """(our parameter name, tensor) for every parameter, in plan order, reading one array, or one
+    layer of a stacked array, at a time."""
     for entry in plan:
-        array = ckpt.read(entry.path)
-        for name, fn in entry.targets:
-            yield name, to_torch(fn(array))
-        del array
+        cached: tuple[int | None, np.ndarray] | None = None
+        for name, index, fn in entry.targets:
+            if cached is None or cached[0] != index:
+                cached = (index, ckpt.read(entry.path, index))
+            yield name, to_torch(fn(cached[1]))
 
 
 def load_jax_checkpoint(path: str | os.PathLike, cfg: Pi05Config, device="cpu",
@@ -253,4 +263,4 @@ def random_arrays(cfg: Pi05Config, seed: int = 0, scale: float = 0.02) -> Iterat
     """Random float32 arrays with every path and shape of a pi05 JAX checkpoint, one at a time."""
     rng = np.random.default_rng(seed)
     for entry in array_plan(cfg):
-        yield entry.path, (rng.standard_normal(entry.shape, dtype=np.float32) * scale)
+        yield entry.path, rng.standard_normal(entry.shape, dtype=np.float32) * np.float32(scale)
