@@ -9,7 +9,11 @@ A batch of observations is a dict of arrays with a leading batch dimension B:
     prompt       list of B str        the task's language instruction
     privileged   list of B dict       only for policies with `needs_privileged = True`
                                       (see envs/privileged.py)
-`infer` returns {"actions": (B, chunk_size, 7) float array} plus optional extra keys.
+    episode      list of B hashables  (when the runner knows them) an id per running episode, for
+                                      policies that keep per-episode memory
+    step         list of B int        (likewise) steps executed so far in each episode
+`infer` returns {"actions": (B, chunk_size, 7) float array} plus optional extra keys; an optional
+"errors" list of B entries (None or a message) marks rows the policy could not serve.
 """
 
 from __future__ import annotations
@@ -51,4 +55,7 @@ def check_actions(out: Any, batch: int) -> tuple[np.ndarray | None, list[str | N
     actions = actions.astype(np.float64)
     finite = np.isfinite(actions).all(axis=(1, 2))
     errors = [None if ok else "policy returned NaN or inf actions" for ok in finite]
+    reported = out.get("errors")
+    if isinstance(reported, (list, tuple)) and len(reported) == batch:
+        errors = [str(r) if r else e for r, e in zip(reported, errors)]
     return actions, errors

@@ -25,7 +25,7 @@ from runners.loop import EvaluationLoop, LoopSettings
 from runners.pool import EnvPool, Episode
 from runners.progress import Progress
 from runners.provenance import provenance
-from runners.results import SUMMARY_FILE, ResultsLog, format_table, summarize, write_json
+from runners.results import SUMMARY_FILE, ResultsLog, format_markdown, format_table, summarize, write_json
 from videos.recorder import VideoRecorder
 
 # Settings that choose which episodes run, or how fast, but not what an episode's result is:
@@ -104,6 +104,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     if chunk is not None and int(cfg.replan) > int(chunk):
         raise ValueError(f"replan={cfg.replan} exceeds the policy's chunk length {chunk}; set replan <= {chunk}")
 
+    if not cfg.env.get("cameras", True) and cfg.videos != "none":
+        print("warning: env.cameras=false renders nothing, so the videos will be black; set videos=none",
+              file=sys.stderr)
     chash = config_hash(cfg)
     results = ResultsLog(out, chash)
     done = results.done(retry_errors=bool(cfg.retry_errors))
@@ -139,6 +142,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         "provenance": provenance(),
         **summary,
     })
+    (out / "summary.md").write_text(format_markdown(summary), encoding="utf-8")
     print(format_table(summary))
     from videos.review import write_review
 

@@ -106,6 +106,8 @@ class EvaluationLoop:
         """Ask the policy for chunks for `rows`; returns {slot: error} for rows that got none."""
         batch = _select(obs, rows)
         batch["prompt"] = [self.slots[i].task for i in rows]
+        batch["episode"] = [(*self.slots[i].episode.key, id(self.slots[i])) for i in rows]
+        batch["step"] = [self.slots[i].executor.t for i in rows]
         if getattr(self.policy, "needs_privileged", False):
             states = self.pool.privileged_states()
             batch["privileged"] = [states[i] for i in rows]

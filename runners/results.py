@@ -163,6 +163,23 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(summary: dict[str, Any]) -> str:
+    """The per-task table as Markdown (written next to summary.json as summary.md)."""
+    lines = ["| suite | task | instruction | success % | 95% CI | episodes | errors | mean steps |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(suite, tid, s, text=""):
+        lo, hi = s["ci95"]
+        return (f"| {suite} | {tid} | {text} | {_pct(s['success_rate']).strip()} | [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                f"{s['episodes']} | {s['errors']} | {_ms(s['mean_steps'])} |")
+
+    for t in summary["tasks"]:
+        lines.append(row(t["suite"], t["task_id"], t, t["task"]))
+    for suite, s in summary["suites"].items():
+        lines.append(row(f"**{suite}**", "all", s))
+    return "\n".join(lines) + "\n"
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write atomically (temp file + rename) so a kill never leaves half a summary behind."""
     path = Path(path)

@@ -230,3 +230,20 @@ def test_renders_when_cuda_visible_devices_is_empty(monkeypatch):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_cameras_off_gives_the_same_physics():
+    rng = np.random.default_rng(3)
+    actions = rng.uniform(-1, 1, size=(6, 7))
+    states = []
+    for cameras in (True, False):
+        env = LiberoEnv(suite="libero_object", task_id=2, cameras=cameras, camera_size=64, image_size=64)
+        try:
+            obs, _ = env.reset(options={"init_state_id": 1})
+            run = [obs["state"]] + [env.step(a)[0]["state"] for a in actions]
+            states.append(np.stack(run))
+            if not cameras:
+                assert not obs["image"].any() and obs["image"].shape == (64, 64, 3)
+        finally:
+            env.close()
+    np.testing.assert_array_equal(states[0], states[1])

@@ -74,3 +74,11 @@ def test_summary_per_task_and_suite_excludes_errors():
     assert suite["latency_p50_ms"] == 2.0 and suite["policy_calls"] == 12
     table = format_table(s)
     assert "libero_spatial" in table and "50.0" in table and "all" in table
+
+
+def test_markdown_table():
+    from runners.results import format_markdown
+
+    md = format_markdown(summarize([rec(0, 0), rec(0, 1, success=False)]))
+    assert md.splitlines()[0].startswith("| suite | task |") and "| libero_spatial | 0 | task 0 | 50.0 |" in md
+    assert "| **libero_spatial** | all |" in md
