@@ -147,7 +147,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     from videos.review import write_review
 
     page = write_review(out)
-    print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}\nReview page: {page}")
+    videos = f"\nVideos: {out / 'videos'}" if (out / "videos").is_dir() else ""
+    print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}{videos}\nReview page: {page}")
     return summary
 
 

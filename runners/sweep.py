@@ -17,9 +17,12 @@ from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runners.evaluate import evaluate
+
+# Job directories read job0_steps=1,... or job0 when nothing was overridden (conf/sweep.yaml).
+OmegaConf.register_new_resolver("underscored", lambda s: f"_{s}" if s else "", replace=True)
 
 
 def finish_sweep(sweep_dir: str | Path) -> None:

@@ -5,7 +5,8 @@
 The page uses only relative links and inline CSS (no network, no scripts): the sweep plot and table
 when DIR is a sweep, then for every evaluation under DIR its success table per task (Wilson 95%
 CIs) and a gallery of its failed and errored episodes, grouped by task, each video playable inline
-with its init state, steps and policy latency. It reads what the runner wrote (results.jsonl and
+with its init state, steps and policy latency (successful episodes that kept a video are listed,
+folded, below).  It reads what the runner wrote (results.jsonl and
 summary.json) and knows nothing about policies.
 """
 
@@ -35,7 +36,8 @@ th { background: #eee; } td.text, th.text { text-align: left; }
 .card video { width: 448px; display: block; background: #000; }
 .card .meta { font-size: 12px; margin-top: 4px; }
 .card pre { font-size: 11px; white-space: pre-wrap; max-height: 120px; overflow: auto; background: #fee; }
-.outcome-failure { color: #b22; } .outcome-error { color: #c70; }
+.outcome-failure { color: #b22; } .outcome-error { color: #c70; } .outcome-success { color: #282; }
+details { margin: 12px 0; } summary { cursor: pointer; font-weight: 600; }
 img.plot { max-width: 100%; border: 1px solid #ddd; background: #fff; }
 """
 
@@ -97,15 +99,29 @@ def _gallery(eval_dir: Path, root: Path, records: list[dict[str, Any]]) -> tuple
     failures = [r for r in records if r.get("error") or not r.get("success")]
     if not failures:
         return "<p>No failures.</p>", 0
+    return _cards(eval_dir, root, failures, "failed")
+
+
+def _successes(eval_dir: Path, root: Path, records: list[dict[str, Any]]) -> str:
+    """Successful episodes that kept a video (videos=all), folded away below the failures."""
+    kept = [r for r in records if r.get("success") and not r.get("error") and r.get("video")
+            and (eval_dir / r["video"]).is_file()]
+    if not kept:
+        return ""
+    cards, _ = _cards(eval_dir, root, kept, "succeeded")
+    return f"<details><summary>Successful episodes with videos ({len(kept)})</summary>\n{cards}\n</details>"
+
+
+def _cards(eval_dir: Path, root: Path, chosen: list[dict[str, Any]], verb: str) -> tuple[str, int]:
     by_task: dict[tuple, list] = defaultdict(list)
-    for r in failures:
+    for r in chosen:
         by_task[(r["suite"], r["task_id"], r.get("task", ""))].append(r)
     parts, videos = [], 0
     for (suite, tid, text), recs in sorted(by_task.items()):
-        parts.append(f"<h3>{html.escape(suite)} task {tid}: {html.escape(text)} ({len(recs)} failed)</h3>")
+        parts.append(f"<h3>{html.escape(suite)} task {tid}: {html.escape(text)} ({len(recs)} {verb})</h3>")
         parts.append('<div class="gallery">')
         for r in sorted(recs, key=lambda r: r["init_state_id"]):
-            outcome = "error" if r.get("error") else "failure"
+            outcome = "error" if r.get("error") else ("success" if r.get("success") else "failure")
             card = ['<div class="card">']
             video = r.get("video")
             if video and (eval_dir / video).is_file():
@@ -175,6 +191,7 @@ def write_review(root: str | os.PathLike) -> Path:
         body.append(_task_table(summary))
         gallery, _ = _gallery(eval_dir, root, records)
         body.append(gallery)
+        body.append(_successes(eval_dir, root, records))
     page = (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>Review: {html.escape(root.name)}</title><style>{CSS}</style></head>\n<body>\n"
