@@ -11,7 +11,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("PI05_GOLDEN_DIR", REPO.parent / "shared" / "golden" / "pi05"))
+# Tensors made by openpi's own model (see golden/pi05/README.md); a copy of the team's shared/golden.
+GOLDEN = Path(os.environ.get("PI05_GOLDEN_DIR", REPO / "tests" / "golden" / "pi05"))
 
 
 @pytest.fixture(scope="session")

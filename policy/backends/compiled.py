@@ -30,6 +30,7 @@ from policy.pi05.gemma import rope_cos_sin
 from policy.pi05.model import Pi05Model, as_slots, euler_times
 
 PROMPT_BUCKETS = (32, 64, 128, 200)
+STAGES = ("vision", "prefix", "denoise")
 KEY_ALIGN = 64  # key count of the denoise attention, rounded up: unaligned GEMMs get slow kernels
 
 
@@ -366,7 +367,7 @@ class CompiledSampler:
 
     def _capture(self, shape: _Shape, st: _State) -> None:
         """Compile and warm up on a side stream, then capture each stage as a CUDA graph."""
-        stages = (("vision", self._vision), ("prefix", self._prefix), ("denoise", self._denoise))
+        stages = [(name, getattr(self, "_" + name)) for name in STAGES]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=64):
@@ -390,7 +391,10 @@ class CompiledSampler:
         p = shape.prompt
         st.tokens.copy_(tokens[:, :p], non_blocking=True)
         st.token_mask.copy_(token_masks[:, :p], non_blocking=True)
-        st.noise.copy_(noise, non_blocking=True)
+        if noise is None:
+            st.noise.zero_()
+        else:
+            st.noise.copy_(noise, non_blocking=True)
 
     def _run(self, name: str, shape: _Shape, st: _State) -> None:
         if self.cuda_graphs:
@@ -406,13 +410,18 @@ class CompiledSampler:
         tmask[:, :prompt_tokens] = True
         self._state(self.shape_for(masks, tmask))
 
-    @torch.no_grad()
-    def encode(self, images, image_masks, tokens, token_masks):
-        """Vision + prefix into the static cache; returns the handle `denoise` takes."""
+    def _prepare(self, images, image_masks, tokens, token_masks, noise) -> tuple[_Shape, _State]:
+        """The state for these inputs' shape (captured on first use), with the inputs copied in."""
         images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
         shape = self.shape_for(image_masks, token_masks)
         st = self._state(shape)
-        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, torch.zeros_like(st.noise))
+        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, noise)
+        return shape, st
+
+    @torch.no_grad()
+    def encode(self, images, image_masks, tokens, token_masks):
+        """Vision + prefix into the static cache; returns the handle `denoise` takes."""
+        shape, st = self._prepare(images, image_masks, tokens, token_masks, None)
         self._run("vision", shape, st)
         self._run("prefix", shape, st)
         return shape, st
@@ -426,21 +435,14 @@ class CompiledSampler:
 
     def stages(self, images, image_masks, tokens, token_masks, noise) -> dict:
         """Callables that each run one stage alone on prepared inputs (for the benchmark)."""
-        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
-        shape = self.shape_for(image_masks, token_masks)
-        st = self._state(shape)
-        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, noise)
-        for name in ("vision", "prefix", "denoise"):
+        shape, st = self._prepare(images, image_masks, tokens, token_masks, noise)
+        for name in STAGES:
             self._run(name, shape, st)
-        return {name: functools.partial(self._run, name, shape, st) for name in ("vision", "prefix", "denoise")}
+        return {name: functools.partial(self._run, name, shape, st) for name in STAGES}
 
     @torch.no_grad()
     def __call__(self, images, image_masks, tokens, token_masks, noise) -> torch.Tensor:
-        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
-        shape = self.shape_for(image_masks, token_masks)
-        st = self._state(shape)
-        self._load_inputs(shape, st, images, image_masks, tokens, token_masks, noise)
-        for name in ("vision", "prefix", "denoise"):
+        shape, st = self._prepare(images, image_masks, tokens, token_masks, noise)
+        for name in STAGES:
             self._run(name, shape, st)
         return st.actions.clone()
-
