@@ -30,6 +30,7 @@ POS_LIMIT = 0.05  # metres per step at |action| = 1 (robosuite's OSC_POSE output
 ROT_LIMIT = 0.5  # radians per step at |action| = 1
 OPEN, CLOSE = -1.0, 1.0
 CONTROL_DT = 0.05  # LIBERO's 20 Hz control
+MAX_EPISODES_REMEMBERED = 1024  # far more than run at once
 PAD_ABOVE_EEF = 0.004  # the finger pads' centre is this far above the eef (robosuite's grip site)
 FINGER_BELOW_EEF = 0.008  # the lowest point of the fingers, below the eef
 
@@ -104,12 +105,11 @@ class Memory:
     lift_z: float = 0.0
     rotation: np.ndarray | None = None  # the eef orientation to hold (top-down; turned for a bowl's rim)
     initial_rotation: np.ndarray | None = None
-    attempts: int = 0
     grasp: Grasp | None = None  # the chosen grasp (re-chosen after a failure)
     blocked: list = field(default_factory=list)  # grasps that stalled or slipped
     moved: float = 1.0  # how far the eef moved since the previous query
     last: np.ndarray | None = None
-    log: list = field(default_factory=list)
+    log: list = field(default_factory=list)  # (step, phase) history, for debugging
 
 
 class ScriptedPolicy:
@@ -300,7 +300,6 @@ class ScriptedPolicy:
                     continue
                 stuck = elapsed >= 15 and mem.moved < 0.003 and eef[2] - g[2] > 0.01
                 if np.linalg.norm(eef[:2] - g[:2]) > 0.03 or stuck or elapsed >= 60:  # moved away, or blocked
-                    mem.attempts += 1
                     self._enter(mem, "regrasp", step)
                     continue
                 return self._chunk(state, mem, step, g, OPEN)
@@ -313,7 +312,6 @@ class ScriptedPolicy:
                 return self._chunk(state, mem, step, eef.copy(), CLOSE)
             if mem.phase == "lift":
                 if not held():  # slipped, or closed on nothing
-                    mem.attempts += 1
                     self._enter(mem, "regrasp", step)
                     continue
                 if eef[2] > mem.lift_z - 0.015:
@@ -322,7 +320,6 @@ class ScriptedPolicy:
                 return self._chunk(state, mem, step, np.array([eef[0], eef[1], mem.lift_z]), CLOSE)
             if mem.phase == "transport":
                 if not held():
-                    mem.attempts += 1
                     self._enter(mem, "regrasp", step)
                     continue
                 goal_xy = place_xy - mem.grasp_offset[:2]
@@ -363,6 +360,8 @@ class ScriptedPolicy:
         actions = np.zeros((n, self.chunk_size, ACTION_DIM))
         errors: list[str | None] = [None] * n
         for i in range(n):
+            if episodes[i] not in self._memory and len(self._memory) >= MAX_EPISODES_REMEMBERED:
+                del self._memory[next(iter(self._memory))]  # the oldest episode is long over
             mem = self._memory.setdefault(episodes[i], Memory())
             try:
                 actions[i] = self.plan(batch["privileged"][i], mem, int(steps[i]))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     out = Path(out_dir) if out_dir is not None else _output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     episodes = plan_episodes(cfg)
-    if policy is None:
-        policy = build_policy(cfg)  # before any simulator: a missing checkpoint fails in seconds
-    chunk = getattr(policy, "chunk_size", None)
-    if chunk is not None and int(cfg.replan) > int(chunk):
-        raise ValueError(f"replan={cfg.replan} exceeds the policy's chunk length {chunk}; set replan <= {chunk}")
-
     if not cfg.env.get("cameras", True) and cfg.videos != "none":
         print("warning: env.cameras=false renders nothing, so the videos will be black; set videos=none",
               file=sys.stderr)
@@ -116,8 +111,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         print(f"Resuming in {out}: {len(episodes) - len(todo)} of {len(episodes)} episodes already done.")
 
     if todo:
-        if threading_main():
-            signal.signal(signal.SIGTERM, _terminate_gracefully)
+        if policy is None:
+            policy = build_policy(cfg)  # before any simulator: a missing checkpoint fails in seconds
+        chunk = getattr(policy, "chunk_size", None)
+        if chunk is not None and int(cfg.replan) > int(chunk):
+            raise ValueError(f"replan={cfg.replan} exceeds the policy's chunk length {chunk}; set replan <= {chunk}")
+        previous = signal.signal(signal.SIGTERM, _terminate_gracefully) if _main_thread() else None
         env_kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True), suite=cfg.suite, task_id=todo[0].task_id)
         max_steps = env_kwargs["max_steps"] or get_suite(cfg.suite).max_steps
         recorder = VideoRecorder(out / "videos", cfg.videos, int(cfg.video_fps), tag=chash[:8])
@@ -133,6 +132,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
             progress.close()
             for err in recorder.close():
                 print(f"warning: a video could not be written: {err}", file=sys.stderr)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     summary = summarize([results.records[e.key] for e in episodes if e.key in results.records])
     write_json(out / SUMMARY_FILE, {
@@ -152,9 +153,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     return summary
 
 
-def threading_main() -> bool:
-    import threading
-
+def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 

@@ -59,6 +59,7 @@ class EvaluationLoop:
         self.recorder = recorder
         self.on_episode = on_episode or (lambda rec: None)
         self.slots: dict[int, Slot] = {}
+        self._pending: list[tuple[dict[str, Any], EpisodeVideo]] = []
         self._policy_failures = 0
 
     # ----- episode lifecycle ------------------------------------------------------------------------
@@ -82,8 +83,32 @@ class EvaluationLoop:
     def _end(self, i: int, outcome: str, steps: int, error: str = "") -> None:
         slot = self.slots.pop(i)
         video = self.recorder.finish(slot.video, outcome) if self.recorder is not None else None
+        rec = self._record(slot, outcome, steps, error, video)
+        if slot.video is not None and slot.video.is_alive():
+            self._pending.append((rec, slot.video))  # written once its video is on disk
+        else:
+            self._write(rec)
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self.results.append(rec)
+        self.on_episode(rec)
+
+    def _flush(self, wait: bool = False) -> None:
+        """Write the results of episodes whose video encoder has finished (all of them if `wait`), so a
+        result line never points at a video that a kill could still lose."""
+        still = []
+        for rec, video in self._pending:
+            if wait:
+                video.wait()
+            if video.is_alive():
+                still.append((rec, video))
+            else:
+                self._write(rec)
+        self._pending = still
+
+    def _record(self, slot: Slot, outcome: str, steps: int, error: str, video: str | None) -> dict[str, Any]:
         ep = slot.episode
-        rec = {
+        return {
             "suite": ep.suite,
             "task_id": ep.task_id,
             "task": slot.task,
@@ -98,8 +123,6 @@ class EvaluationLoop:
             "video": video,
             "wall_s": round(time.monotonic() - slot.started, 3),
         }
-        self.results.append(rec)
-        self.on_episode(rec)
 
     # ----- policy -----------------------------------------------------------------------------------
     def _query_policy(self, obs, rows: list[int]) -> dict[int, str]:
@@ -136,10 +159,17 @@ class EvaluationLoop:
 
     # ----- main loop --------------------------------------------------------------------------------
     def run(self, episodes: list[Episode]) -> None:
+        try:
+            self._run(episodes)
+        finally:
+            self._flush(wait=True)
+
+    def _run(self, episodes: list[Episode]) -> None:
         todo = deque(episodes)
         n = self.pool.num_envs
         obs = None
         while True:
+            self._flush()
             free = [i for i in range(n) if i not in self.slots]
             if free and todo:
                 obs = self._begin(todo, free, obs)
