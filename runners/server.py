@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -105,7 +106,9 @@ class PolicyServer:
             "max_batch": self.max_batch,
             **(metadata or {}),
         }
-        self.batch_sizes: list[int] = []  # every policy call's batch size (for tests and logs)
+        # Recent policy calls' batch sizes, and why each batch stopped waiting (everyone-in, window,
+        # full): for logs and tests; bounded so a server running for weeks does not grow.
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._clients: set[int] = set()
         self._inflight = 0  # requests received and not yet answered
@@ -113,7 +116,7 @@ class PolicyServer:
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = threading.Event()  # set once the port is open (self.port is then the real one)
-        self.close_reasons: list[str] = []  # why each batch stopped waiting: everyone-in, window, full
+        self.close_reasons: deque[str] = deque(maxlen=10_000)
 
     # ----- connections ------------------------------------------------------------------------------
     @staticmethod
