@@ -65,6 +65,12 @@ def test_compact_prefix_holds_exactly_the_valid_tokens(model, case):
             assert max_err(compact.k[layer][b, 0, :n], full.k[layer][b, 0][valid[b]]) <= 1e-5
 
 
+def test_patch_embeddings_come_out_contiguous(model, case):
+    # a transposed view here would carry its strides through every vision layer (slow norms and adds)
+    x = model.vision.embeddings(case["input.image.base_0_rgb"], torch.float32)
+    assert x.shape[1:] == (model.config.num_patches, model.config.vision_width) and x.is_contiguous()
+
+
 def test_velocity_and_time_conditioning_match_openpi(model, case):
     images, masks, tok, tm = inputs(case)
     cache = model.prefill(model.embed_prefix(images, masks, tok, tm, compact=False))

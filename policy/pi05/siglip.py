@@ -27,7 +27,9 @@ class SiglipEmbeddings(nn.Module):
         x = self.patch_embedding(pixels.to(w.dtype))  # (B, D, 16, 16), in fp32 as openpi
         x = x.flatten(2).transpose(1, 2)  # (B, 256, D)
         x = x + self.position_embedding.weight.to(x.dtype)
-        return x.to(dtype)
+        # contiguous: the transposed view's strides would otherwise follow the residual stream through
+        # every layer (norms and adds reading across the grain; compiled layers specialise to them)
+        return x.to(dtype).contiguous()
 
 
 class SiglipAttention(nn.Module):
