@@ -18,8 +18,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from openpi_client.image_tools import resize_with_pad  # openpi's own resize (what Pi0.5 trained on)
 
-from envs.images import resize_with_pad, upright
+from envs.images import upright
 from envs.rendering import select_gl_backend
 from envs.suites import check_task_id, get_suite
 

@@ -10,8 +10,8 @@ _LAZY = {
     "Pi05Config": "policy.pi05.config",
     "PI05_PRESETS": "policy.pi05.config",
     "Pi05Model": "policy.pi05.model",
-    "load_model": "policy.pi05.weights",
-    "Pi05Policy": "policy.pi05.policy",
+    "load_model": "policy.pi05.checkpoints",
+    "Pi05Policy": "policy.libero_policy",
 }
 
 

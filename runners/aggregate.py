@@ -9,10 +9,11 @@ per (policy, suite, backend, replan, chunking).
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from runners.rundir import find_runs, policy_label, read_summary, upgrade_summary
 
 COLUMNS = ["job", "policy", "suite", "steps", "backend", "replan", "chunking", "success_rate", "ci95_low",
            "ci95_high", "episodes", "errors", "latency_p50_ms", "latency_p95_ms"]
@@ -22,12 +23,15 @@ SERIES = ("policy", "suite", "backend", "replan", "chunking")
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     root = Path(sweep_dir)
-    for path in sorted(root.glob("*/summary.json")):
-        s = json.loads(path.read_text(encoding="utf-8"))
+    for run in find_runs(root):
+        s = read_summary(run)
+        if s is None or run == root:
+            continue
+        s = upgrade_summary(s)
         cfg, total = s.get("config", {}), s["total"]
         rows.append({
-            "job": path.parent.name,
-            "policy": s.get("policy_name") or str(cfg.get("policy", {}).get("_target_", "?")).rsplit(".", 1)[-1],
+            "job": str(run.relative_to(root)),
+            "policy": policy_label(s),
             "suite": cfg.get("suite"),
             "steps": cfg.get("steps"),
             "backend": cfg.get("backend"),

@@ -1,9 +1,9 @@
 """Turning action chunks into one action per environment step.
 
-`replan` (openpi's LIBERO protocol, examples/libero/main.py): execute the first `replan_steps` actions
-of each chunk, then ask the policy again.
+`chunking=replan` (openpi's LIBERO protocol, examples/libero/main.py): execute the first `replan`
+actions of each chunk, then ask the policy again (openpi: replan_steps).
 
-`ensemble` (ACT, Zhao et al. 2023, "temporal ensembling"): still ask every `replan_steps` steps, but
+`chunking=ensemble` (ACT, Zhao et al. 2023, "temporal ensembling"): still ask every `replan` steps, but
 the action at step t averages every stored chunk that covers t, weighted exp(-m * i) where i = 0 is
 the oldest prediction (ACT's convention: m > 0 favours older chunks, m < 0 newer ones).
 """
@@ -15,20 +15,17 @@ from collections import deque
 
 import numpy as np
 
-MODES = ("replan", "ensemble")
+CHUNKING = ("replan", "ensemble")
 
 
 class ChunkExecutor:
     """Action bookkeeping for one environment over one episode."""
 
-    def __init__(self, replan_steps: int = 5, mode: str = "replan", ensemble_m: float = 0.01):
-        if mode not in MODES:
-            raise ValueError(f"unknown chunking mode {mode!r}; choose one of {', '.join(MODES)}")
-        if replan_steps < 1:
-            raise ValueError(f"replan_steps must be >= 1, got {replan_steps}")
-        self.replan_steps = int(replan_steps)
-        self.mode = mode
-        self.m = float(ensemble_m)
+    def __init__(self, replan: int = 5, chunking: str = "replan", ensemble_m: float = 0.01):
+        check_chunking(replan, chunking)
+        self.replan = int(replan)
+        self.chunking = chunking
+        self.ensemble_m = float(ensemble_m)
         self.reset()
 
     def reset(self) -> None:
@@ -38,19 +35,15 @@ class ChunkExecutor:
         self._chunks: list[tuple[int, np.ndarray]] = []  # ensemble mode: (start step, chunk)
 
     def needs_chunk(self) -> bool:
-        return self._since_chunk >= self.replan_steps
+        return self._since_chunk >= self.replan
 
     def add_chunk(self, chunk: np.ndarray) -> None:
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 2:
             raise ValueError(f"a chunk must be (horizon, action_dim), got shape {chunk.shape}")
-        if self.replan_steps > len(chunk):
-            raise ValueError(
-                f"replan_steps={self.replan_steps} exceeds the policy's chunk length {len(chunk)}; "
-                f"set replan <= {len(chunk)}"
-            )
-        if self.mode == "replan":
-            self._queue = deque(chunk[: self.replan_steps])
+        check_chunking(self.replan, self.chunking, len(chunk))
+        if self.chunking == "replan":
+            self._queue = deque(chunk[: self.replan])
         else:
             self._chunks.append((self.t, chunk))
             self._chunks = [(s, c) for s, c in self._chunks if s + len(c) > self.t]
@@ -59,13 +52,24 @@ class ChunkExecutor:
     def next_action(self) -> np.ndarray:
         if self.needs_chunk():
             raise RuntimeError("no action queued: the policy must be asked for a new chunk first")
-        if self.mode == "replan":
+        if self.chunking == "replan":
             action = self._queue.popleft()
         else:
-            action = ensemble_action(self._chunks, self.t, self.m)
+            action = ensemble_action(self._chunks, self.t, self.ensemble_m)
         self.t += 1
         self._since_chunk += 1
         return action
+
+
+def check_chunking(replan: int, chunking: str, chunk_size: int | None = None) -> None:
+    """The one check of the chunking settings: run by the evaluation before any simulator starts
+    (with the policy's chunk size when it declares one) and again on every chunk."""
+    if chunking not in CHUNKING:
+        raise ValueError(f"unknown chunking {chunking!r}; choose one of {', '.join(CHUNKING)}")
+    if int(replan) < 1:
+        raise ValueError(f"replan must be >= 1, got {replan}")
+    if chunk_size is not None and int(replan) > int(chunk_size):
+        raise ValueError(f"replan={replan} exceeds the policy's chunk length {chunk_size}; set replan <= {chunk_size}")
 
 
 def ensemble_action(chunks: list[tuple[int, np.ndarray]], t: int, m: float) -> np.ndarray:

@@ -21,12 +21,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from envs.suites import INIT_STATES_PER_TASK, check_task_id, get_suite
+from runners import CONF_DIR
 from runners.build import build_policy
+from runners.chunking import check_chunking
 from runners.loop import EvaluationLoop, LoopSettings
 from runners.pool import EnvPool, Episode
 from runners.progress import Progress
 from runners.provenance import provenance
-from runners.results import SUMMARY_FILE, ResultsLog, format_markdown, format_table, summarize, write_json
+from runners.review import write_review
+from runners.rundir import SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, summarize, write_json
+from runners.tables import markdown_table, text_table
 from videos.recorder import VideoRecorder
 
 # Settings that choose which episodes run, or how fast, but not what an episode's result is:
@@ -82,7 +86,7 @@ def policy_name(cfg: DictConfig) -> str:
             return str(name)
     except ValueError:
         pass
-    return str(cfg.policy.get("_target_", "?")).rsplit(".", 1)[-1]
+    return policy_label({"config": {"policy": OmegaConf.to_container(cfg.policy, resolve=True)}})
 
 
 def _terminate_gracefully(*_):
@@ -113,17 +117,16 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     if todo:
         if policy is None:
             policy = build_policy(cfg)  # before any simulator: a missing checkpoint fails in seconds
-        chunk = getattr(policy, "chunk_size", None)
-        if chunk is not None and int(cfg.replan) > int(chunk):
-            raise ValueError(f"replan={cfg.replan} exceeds the policy's chunk length {chunk}; set replan <= {chunk}")
+        check_chunking(int(cfg.replan), cfg.chunking, getattr(policy, "chunk_size", None))
         previous = signal.signal(signal.SIGTERM, _terminate_gracefully) if _main_thread() else None
         env_kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True), suite=cfg.suite, task_id=todo[0].task_id)
         max_steps = env_kwargs["max_steps"] or get_suite(cfg.suite).max_steps
-        recorder = VideoRecorder(out / "videos", cfg.videos, int(cfg.video_fps), tag=chash[:8])
+        recorder = VideoRecorder(out / "videos", videos=cfg.videos, fps=int(cfg.video_fps), tag=chash[:8])
         progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
         pool = EnvPool(min(int(cfg.num_envs), len(todo)), env_kwargs, cfg.vectorization,
                        **({"make_env": make_env} if make_env is not None else {}))
-        settings = LoopSettings(int(cfg.replan), cfg.chunking, float(cfg.ensemble_m), max_steps, int(cfg.env.image_size))
+        settings = LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
+                                max_steps=max_steps, view=int(cfg.env.image_size))
         try:
             policy.reset()
             EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update).run(todo)
@@ -143,10 +146,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         "provenance": provenance(),
         **summary,
     })
-    (out / "summary.md").write_text(format_markdown(summary), encoding="utf-8")
-    print(format_table(summary))
-    from videos.review import write_review
-
+    (out / SUMMARY_MD).write_text(markdown_table(summary), encoding="utf-8")
+    print(text_table(summary))
     page = write_review(out)
     videos = f"\nVideos: {out / 'videos'}" if (out / "videos").is_dir() else ""
     print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}{videos}\nReview page: {page}")
@@ -157,7 +158,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     summary = evaluate(cfg)
     return summary["total"]["success_rate"]

@@ -17,7 +17,7 @@ import numpy as np
 from policy.base import check_actions
 from runners.chunking import ChunkExecutor
 from runners.pool import IDLE, EnvPool, Episode
-from runners.results import ResultsLog, latency_stats
+from runners.rundir import ResultsLog, latency_stats
 from videos.recorder import EpisodeVideo, VideoRecorder
 
 MAX_CONSECUTIVE_POLICY_FAILURES = 3
@@ -27,13 +27,13 @@ class PolicyFailure(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class LoopSettings:
-    replan_steps: int = 5
-    chunking: str = "replan"
+    replan: int = 5  # actions executed from each chunk before asking again
+    chunking: str = "replan"  # replan | ensemble (runners/chunking.py)
     ensemble_m: float = 0.01
-    max_steps: int = 220
-    view: int = 224
+    max_steps: int = 220  # of the suite (for the video's length)
+    view: int = 224  # policy-facing image size (for the video's layout)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class EvaluationLoop:
         obs, infos = self.pool.start(starts)
         for i, ep in starts.items():
             info = infos[i]
-            slot = Slot(ep, ChunkExecutor(self.s.replan_steps, self.s.chunking, self.s.ensemble_m), info.get("task", ""))
+            slot = Slot(ep, ChunkExecutor(replan=self.s.replan, chunking=self.s.chunking, ensemble_m=self.s.ensemble_m), info.get("task", ""))
             self.slots[i] = slot
             if info.get("error"):
                 self._end(i, "error", steps=0, error=info["error"])
@@ -115,7 +115,7 @@ class EvaluationLoop:
             "init_state_id": ep.init_state_id,
             "seed": ep.seed,
             "success": outcome == "success",
-            "steps": int(steps),
+            "env_steps": int(steps),
             "error": error,
             **latency_stats(slot.latencies_ms),
             "policy_calls": len(slot.latencies_ms),
@@ -154,7 +154,7 @@ class EvaluationLoop:
             if errors[r] is not None:
                 failed[i] = errors[r]
                 continue
-            slot.executor.add_chunk(actions[r])  # raises if replan_steps exceeds the chunk
+            slot.executor.add_chunk(actions[r])  # raises if replan exceeds the chunk
         return failed
 
     # ----- main loop --------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from runners import CONF_DIR
 from runners.build import build_policy
 from runners.server import PolicyServer
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     policy = build_policy(cfg)  # fails before the port opens if the checkpoint is missing

@@ -37,7 +37,7 @@ from openpi_client import msgpack_numpy
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from envs.images import resize_with_pad
+from openpi_client.image_tools import resize_with_pad
 from policy.base import check_actions
 
 log = logging.getLogger(__name__)

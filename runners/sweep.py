@@ -19,6 +19,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from runners import CONF_DIR
 from runners.evaluate import evaluate
 
 # Job directories read job0_steps=1,... or job0 when nothing was overridden (conf/sweep.yaml).
@@ -27,7 +28,7 @@ OmegaConf.register_new_resolver("underscored", lambda s: f"_{s}" if s else "", r
 
 def finish_sweep(sweep_dir: str | Path) -> None:
     from runners.aggregate import write_aggregate
-    from videos.review import write_review
+    from runners.review import write_review
 
     root = Path(sweep_dir)
     rows = write_aggregate(root)
@@ -46,7 +47,7 @@ class AggregateOnEnd(Callback):
             print(f"sweep aggregate skipped: {exc}", file=sys.stderr)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sweep")
 def main(cfg: DictConfig) -> float | None:
     return evaluate(cfg)["total"]["success_rate"]
 

@@ -27,7 +27,7 @@ def run(videos: str, init_state: int, max_steps: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as out:
         evaluate(cfg, out)
         rec = json.loads((Path(out) / "results.jsonl").read_text().splitlines()[0])
-        return rec["wall_s"], rec["steps"]
+        return rec["wall_s"], rec["env_steps"]
 
 
 def main(episodes: int = 4, max_steps: int = 60) -> None:

@@ -27,28 +27,12 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def spm_tokenizer(tmp_path_factory) -> Path:
-    """A small SentencePiece model trained here (ids like Gemma's: pad 0, eos 1, bos 2), standing in
-    for PaliGemma's tokenizer file, which tests may not download."""
-    import io
+    """The generated stand-in tokenizer (policy/pi05/tokenizer.py; ids like Gemma's: pad 0, eos 1, bos 2) as a
+    file, standing in for PaliGemma's tokenizer, which tests may not download."""
+    from policy.pi05.tokenizer import stand_in_model_proto
 
-    import sentencepiece as spm
-
-    from envs.suites import SUITES  # noqa: F401  (the texts below are LIBERO-like instructions)
-
-    texts = [
-        "pick up the black bowl between the plate and the ramekin and place it on the plate",
-        "pick up the alphabet soup and place it in the basket", "open the middle drawer of the cabinet",
-        "put both the alphabet soup and the tomato sauce in the basket", "turn on the stove",
-        "put the wine bottle on top of the cabinet", "push the plate to the front of the stove",
-        "Task: put the bowl on the plate, State: 12 128 255 0;\nAction: ", "stack the black bowls",
-    ] * 20
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=180,
-                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, model_type="bpe",
-                                   user_defined_symbols=["\n"], remove_extra_whitespaces=False,
-                                   character_coverage=1.0, minloglevel=2)
     path = tmp_path_factory.mktemp("tokenizer") / "paligemma_tokenizer.model"
-    path.write_bytes(model.getvalue())
+    path.write_bytes(stand_in_model_proto())
     return path
 
 

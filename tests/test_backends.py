@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from policy.backends import BACKENDS, get_backend, make_sampler
 from policy.backends.compiled import PROMPT_BUCKETS, CompiledSampler
 from policy.pi05.config import CAMERA_SLOTS
-from policy.pi05.weights import load_model
+from policy.pi05.checkpoints import load_model
 
 
 @pytest.fixture(scope="module")

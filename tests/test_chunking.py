@@ -13,7 +13,7 @@ def chunk(start, n=10):
 
 
 def test_replan_executes_the_first_replan_steps_of_each_chunk():
-    ex = ChunkExecutor(replan_steps=3)
+    ex = ChunkExecutor(replan=3)
     executed, asked = [], []
     for t in range(8):
         if ex.needs_chunk():
@@ -25,19 +25,19 @@ def test_replan_executes_the_first_replan_steps_of_each_chunk():
 
 
 def test_replan_longer_than_the_chunk_is_an_error():
-    ex = ChunkExecutor(replan_steps=6)
+    ex = ChunkExecutor(replan=6)
     with pytest.raises(ValueError, match="replan <= 5"):
         ex.add_chunk(chunk(0, n=5))
 
 
 def test_asking_for_an_action_without_a_chunk_raises():
     with pytest.raises(RuntimeError):
-        ChunkExecutor(replan_steps=2).next_action()
+        ChunkExecutor(replan=2).next_action()
 
 
 def test_unknown_mode_lists_the_choices():
     with pytest.raises(ValueError, match="replan, ensemble"):
-        ChunkExecutor(mode="average")
+        ChunkExecutor(chunking="average")
 
 
 def test_ensemble_weights_on_a_known_sequence():
@@ -56,7 +56,7 @@ def test_ensemble_weights_on_a_known_sequence():
 
 
 def test_ensemble_executor_averages_overlapping_chunks():
-    ex = ChunkExecutor(replan_steps=2, mode="ensemble", ensemble_m=0.0)  # m = 0: plain mean
+    ex = ChunkExecutor(replan=2, chunking="ensemble", ensemble_m=0.0)  # m = 0: plain mean
     out = []
     for t in range(6):
         if ex.needs_chunk():
@@ -69,7 +69,7 @@ def test_ensemble_executor_averages_overlapping_chunks():
 
 
 def test_ensemble_with_replan_one_is_acts_scheme():
-    ex = ChunkExecutor(replan_steps=1, mode="ensemble", ensemble_m=0.01)
+    ex = ChunkExecutor(replan=1, chunking="ensemble", ensemble_m=0.01)
     for t in range(5):
         assert ex.needs_chunk()
         ex.add_chunk(np.full((3, 7), float(t)))

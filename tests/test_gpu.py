@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from policy.backends import make_sampler
 from policy.bench import make_inputs
 from policy.pi05.config import CAMERA_SLOTS
-from policy.pi05.weights import load_model, random_model
+from policy.pi05.checkpoints import load_model
+from policy.pi05.weights import random_model
 
 pytestmark = pytest.mark.gpu
 

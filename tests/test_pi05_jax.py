@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from policy.convert import convert
 from policy.pi05.config import CAMERA_SLOTS
 from policy.pi05.jax_checkpoint import JaxCheckpoint, write_jax_checkpoint
-from policy.pi05.weights import CheckpointMismatch, load_model
+from policy.pi05.checkpoints import load_model
+from policy.pi05.weights import CheckpointMismatch
 
 JAX_DIRS = ["tiny_openpi_jax", "tiny_openpi_jax_pure"]
 
@@ -120,7 +121,7 @@ def test_convert_command_reports_errors(tmp_path, capsys):
 
 
 def test_policy_runs_from_a_jax_checkpoint(golden_dir, spm_tokenizer):
-    from policy.pi05.policy import Pi05Policy
+    from policy.libero_policy import Pi05Policy
 
     policy = Pi05Policy(golden_dir / JAX_DIRS[0], spm_tokenizer, num_steps=2, device="cpu", dtype="float32",
                         config="tiny")

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from policy.pi05.config import CAMERA_SLOTS, PI05_PRESETS, Pi05Config
+from policy.pi05.checkpoints import load_model
 from policy.pi05.weights import (CheckpointMismatch, IGNORED_KEYS, TIED_EMBEDDING, build_model, expected_tensors,
-                                 keeps_fp32, load_model, our_name, parameter_dtype)
+                                 keeps_fp32, our_name, parameter_dtype)
 
 # Tolerances from the issue; what is reached is printed by test_parity_report (-s).
 TOL = {"prefix_embs": 1e-5, "v": 1e-5, "k": 1e-4, "v_t": 1e-4, "actions": 1e-4}
@@ -218,7 +219,7 @@ def test_one_error_lists_every_missing_extra_and_misshaped_tensor(tmp_path, tiny
         load_model(tmp_path / "bad.safetensors", config="tiny")
     msg = str(info.value)
     assert "missing: action_in_proj.bias" in msg and "unexpected: unexpected.weight" in msg
-    assert "wrong shape: time_mlp_in.weight: file [32, 31], model [32, 32]" in msg
+    assert "wrong shape: time_mlp_in.weight: checkpoint [32, 31], model [32, 32]" in msg
 
 
 def test_wrong_config_for_the_checkpoint_is_reported(golden_dir):

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from policy.pi05.policy import Pi05Policy
+from policy.libero_policy import Pi05Policy
 from policy.pi05.tokenizer import PaligemmaTokenizer, clean, discretize_state
 from policy.pi05.transforms import NormStats, find_norm_stats, to_libero_actions, to_model_images
 
@@ -59,17 +59,6 @@ def test_libero_images_go_to_the_first_two_slots_and_the_third_is_masked():
     small = {"image": batch["image"][:, :200], "wrist_image": batch["wrist_image"][:, :200]}  # resized with pad
     s, _ = to_model_images(small)
     assert s[0].shape == (2, 3, 224, 224) and (s[0][:, :, :10] == -1).all()  # black padding bars
-
-
-def test_resize_with_pad_matches_openpi_client():
-    from openpi_client.image_tools import resize_with_pad as theirs
-
-    from envs.images import resize_with_pad as ours
-
-    rng = np.random.default_rng(1)
-    for shape in ((256, 256, 3), (480, 640, 3), (300, 200, 3)):
-        img = rng.integers(0, 256, shape, dtype=np.uint8)
-        assert np.array_equal(ours(img, 224, 224), theirs(img, 224, 224))
 
 
 def test_quantile_unnormalization_of_the_first_seven_dims(golden_dir):
@@ -141,3 +130,80 @@ def test_policy_checks_everything_before_loading_weights(tiny_checkpoint, spm_to
     shutil.copy(tiny_checkpoint / "model.safetensors", bare / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="norm_stats"):
         Pi05Policy(bare, spm_tokenizer, config="tiny")
+
+
+def test_random_weights_without_a_tokenizer_file_use_a_stand_in_but_real_weights_do_not(
+        tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path))  # no tokenizer in the cache
+    with caplog.at_level("WARNING"):
+        policy = Pi05Policy("random", None, num_steps=1, device="cpu", dtype="float32", config="tiny")
+    assert "stand-in tokenizer" in caplog.text and policy.tokenizer.path is None
+    out = policy.infer(libero_batch())
+    assert out["actions"].shape == (2, 10, 7) and np.isfinite(out["actions"]).all()
+    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):
+        Pi05Policy(tiny_checkpoint, None, config="tiny")  # a real checkpoint never gets the stand-in
+
+
+def _lerobot_copy(tiny_checkpoint, dst):
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    tensors = load_file(str(tiny_checkpoint / "model.safetensors"))
+    save_file({f"model.{k}": v for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    (dst / "policy_preprocessor.json").write_text("{}")
+    return dst
+
+
+def test_lerobot_checkpoints_are_refused_without_norm_stats_and_load_with_them(tiny_checkpoint, spm_tokenizer,
+                                                                              tmp_path):
+    lerobot = _lerobot_copy(tiny_checkpoint, tmp_path / "lerobot")
+    with pytest.raises(ValueError, match="lerobot conversion.*policy.norm_stats=PATH.*policy.images=raw"):
+        Pi05Policy(lerobot, spm_tokenizer, config="tiny")
+    stats = next((tiny_checkpoint / "assets").rglob("norm_stats.json"))
+    ours = Pi05Policy(lerobot, spm_tokenizer, num_steps=2, device="cpu", dtype="float32", config="tiny", norm_stats=stats)
+    theirs = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=2, device="cpu", dtype="float32", config="tiny")
+    np.testing.assert_array_equal(ours.infer(libero_batch())["actions"], theirs.infer(libero_batch())["actions"])
+
+
+def test_a_truncated_checkpoint_names_its_file(tiny_checkpoint, spm_tokenizer, tmp_path):
+    from policy.pi05.checkpoints import checkpoint_identity
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{cut / 'model.safetensors'} is truncated"):
+        Pi05Policy(cut, spm_tokenizer, config="tiny")
+    a, b = checkpoint_identity(tiny_checkpoint), checkpoint_identity(tiny_checkpoint / "model.safetensors")
+    assert a["sha256"] == b["sha256"] and a["format"] == "pytorch" and len(a["sha256"]) == 64
+
+
+def test_raw_image_orientation_rotates_frames_back_before_the_model(tiny_checkpoint, spm_tokenizer):
+    upright = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=1, device="cpu", dtype="float32", config="tiny")
+    raw = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=1, device="cpu", dtype="float32", config="tiny",
+                     images="raw")
+    batch = libero_batch()
+    turned = {**batch, "image": batch["image"][:, ::-1, ::-1], "wrist_image": batch["wrist_image"][:, ::-1, ::-1]}
+    np.testing.assert_array_equal(raw.infer(turned)["actions"], upright.infer(batch)["actions"])
+    with pytest.raises(ValueError, match="upright, raw"):
+        Pi05Policy(tiny_checkpoint, spm_tokenizer, config="tiny", images="sideways")
+
+
+def test_padded_batches_give_each_real_row_what_an_unpadded_call_gives(tiny_checkpoint, spm_tokenizer):
+    plain = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=2, device="cpu", dtype="float32", config="tiny")
+    padded = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=2, device="cpu", dtype="float32", config="tiny")
+    padded.static_shapes = True  # as the compile/fp8 backends have
+    seen = []
+    inner = padded.sampler
+    padded.sampler = lambda *a: seen.append(a[2].shape[0]) or inner(*a)
+    rng = np.random.default_rng(3)
+    batch = {"image": rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8),
+             "wrist_image": rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8),
+             "state": rng.normal(size=(3, 8)).astype(np.float32), "prompt": ["a", "pick up the bowl", "b"]}
+    out = padded.infer(batch)
+    assert seen == [4] and out["actions"].shape == (3, 10, 7) and out["policy_timing"]["padded_batch"] == 4
+    np.testing.assert_allclose(out["actions"], plain.infer(batch)["actions"], atol=1e-5)
+    # the noise generator advanced as for 3 rows: the next call matches too
+    np.testing.assert_allclose(padded.infer(batch)["actions"], plain.infer(batch)["actions"], atol=1e-5)
+    assert [padded.padded_size(b) for b in (1, 2, 3, 5, 9, 16, 17, 70)] == [1, 2, 4, 8, 16, 16, 24, 128]
+    assert sorted(padded.prepare(5)) == [1, 2, 4, 8] and plain.prepare(5) == {}

@@ -1,10 +1,12 @@
-"""Crash-safe results: Wilson intervals, the append-only log, summaries."""
+"""Crash-safe results: Wilson intervals, the append-only log, summaries, the run directory's readers."""
 
 import json
 
 import pytest
 
-from runners.results import ResultsLog, format_table, summarize, wilson_interval
+from runners.rundir import ResultsLog, find_runs, policy_label, read_records, summarize
+from runners.stats import wilson_interval
+from runners.tables import html_table, markdown_table, text_table
 
 
 @pytest.mark.parametrize(
@@ -22,7 +24,7 @@ def test_wilson_interval_without_episodes_is_uninformative():
 
 def rec(task, k, success=True, error="", steps=10):
     return {"suite": "libero_spatial", "task_id": task, "task": f"task {task}", "init_state_id": k, "seed": 7,
-            "success": success, "steps": steps, "error": error, "latencies_ms": [1.0, 2.0, 3.0]}
+            "success": success, "env_steps": steps, "error": error, "latencies_ms": [1.0, 2.0, 3.0]}
 
 
 def test_log_appends_one_line_per_episode_and_reads_back(tmp_path):
@@ -66,19 +68,47 @@ def test_summary_per_task_and_suite_excludes_errors():
     records = [rec(0, 0), rec(0, 1, success=False, steps=20), rec(1, 0), rec(1, 1, error="boom", success=False)]
     s = summarize(records)
     t0, t1 = s["tasks"]
-    assert t0["episodes"] == 2 and t0["successes"] == 1 and t0["success_rate"] == 0.5 and t0["mean_steps"] == 15
+    assert t0["episodes"] == 2 and t0["successes"] == 1 and t0["success_rate"] == 0.5 and t0["mean_env_steps"] == 15
     assert t1["episodes"] == 1 and t1["errors"] == 1 and t1["success_rate"] == 1.0
     suite = s["suites"]["libero_spatial"]
     assert suite["episodes"] == 3 and suite["successes"] == 2 and suite["errors"] == 1
     assert suite["ci95"] == pytest.approx(list(wilson_interval(2, 3)))
     assert suite["latency_p50_ms"] == 2.0 and suite["policy_calls"] == 12
-    table = format_table(s)
+    table = text_table(s)
     assert "libero_spatial" in table and "50.0" in table and "all" in table
 
 
-def test_markdown_table():
-    from runners.results import format_markdown
+def test_the_three_renderings_of_the_task_table_hold_the_same_cells():
+    s = summarize([rec(0, 0), rec(0, 1, success=False, steps=30), rec(1, 0)])
+    md = markdown_table(s)
+    assert md.splitlines()[0].startswith("| suite | task | success % | 95% CI |")
+    assert "| libero_spatial | 0 | 50.0 | [9.5, 90.5] | 2 | 0 | 20.0 |" in md
+    assert "| **libero_spatial** | all | 66.7 |" in md
+    html = html_table(s)
+    assert html.count("<tr") == 1 + 2 + 1 and "<td>[9.5, 90.5]</td>" in html and "<td>20.0</td>" in html
+    text = text_table(s).splitlines()
+    assert any("50.0" in line and "[9.5, 90.5]" in line and "20.0" in line for line in text)
 
-    md = format_markdown(summarize([rec(0, 0), rec(0, 1, success=False)]))
-    assert md.splitlines()[0].startswith("| suite | task |") and "| libero_spatial | 0 | task 0 | 50.0 |" in md
-    assert "| **libero_spatial** | all |" in md
+
+def test_results_written_before_the_env_steps_rename_still_read(tmp_path):
+    old = {k: v for k, v in rec(0, 0, steps=42).items() if k != "env_steps"}
+    old["steps"] = 42  # the first results format called executed env steps "steps"
+    (tmp_path / "results.jsonl").write_text(json.dumps({**old, "config_hash": "abc"}) + "\n")
+    records, torn = read_records(tmp_path)
+    assert torn == 0 and records[("libero_spatial", 0, 0, 7)]["env_steps"] == 42
+    assert summarize(records.values())["total"]["mean_env_steps"] == 42
+    assert ResultsLog(tmp_path, "abc").records[("libero_spatial", 0, 0, 7)]["env_steps"] == 42
+
+
+def test_policy_label_prefers_the_config_choice_then_the_class_name():
+    assert policy_label({"policy_name": "pi05", "config": {"policy": {"_target_": "x.Y"}}}) == "pi05"
+    assert policy_label({"config": {"policy": {"_target_": "policy.simple.ZeroPolicy"}}}) == "ZeroPolicy"
+
+
+def test_runs_are_found_wherever_the_root_lives_but_hidden_folders_inside_are_skipped(tmp_path):
+    root = tmp_path / ".cache" / "runs" / "sweep"  # a root under a hidden folder (e.g. ~/.cache) still counts
+    for job in ("job0", "job1", ".hydra", ".submitit/123"):
+        (root / job).mkdir(parents=True)
+        (root / job / "results.jsonl").write_text("")
+    assert [p.relative_to(root).as_posix() for p in find_runs(root)] == ["job0", "job1"]
+    assert find_runs(root / "job0") == [root / "job0"]

@@ -34,7 +34,7 @@ def test_replanning_executes_exactly_the_first_replan_steps_of_each_chunk(tmp_pa
     expected = [ChunkPolicy.encode(call, j, 0) for call in range(3) for j in range(5)][:12]
     assert [round(a[0], 6) for a in executed] == expected
     (rec,) = lines(tmp_path)
-    assert rec["policy_calls"] == 3 and rec["steps"] == 12 and not rec["success"] and rec["error"] == ""
+    assert rec["policy_calls"] == 3 and rec["env_steps"] == 12 and not rec["success"] and rec["error"] == ""
 
 
 def test_batched_calls_get_one_observation_per_active_env_and_actions_reach_the_right_env(tmp_path):
@@ -57,8 +57,8 @@ def test_nan_actions_make_an_error_episode_and_the_run_goes_on(tmp_path):
     policy = ChunkPolicy(chunk_size=8, nan_for=task4)
     summary = evaluate(cfg, tmp_path, policy=policy)
     recs = {r["task_id"]: r for r in lines(tmp_path)}
-    assert task4 in recs[4]["task"] and "NaN" in recs[4]["error"] and recs[4]["steps"] == 0
-    assert recs[0]["error"] == "" and recs[0]["steps"] == 12
+    assert task4 in recs[4]["task"] and "NaN" in recs[4]["error"] and recs[4]["env_steps"] == 0
+    assert recs[0]["error"] == "" and recs[0]["env_steps"] == 12
     assert summary["total"]["errors"] == 1 and summary["total"]["episodes"] == 1
 
 
@@ -76,8 +76,8 @@ def test_an_env_exception_is_an_error_episode_and_the_slot_goes_on(tmp_path):
     cfg = config("tasks=[0]", "init_states=[0,1]", *FAST)
     evaluate(cfg, tmp_path, policy=ChunkPolicy(), make_env=helpers.make_failing_env)
     recs = {r["init_state_id"]: r for r in lines(tmp_path)}
-    assert "simulated MuJoCo failure" in recs[0]["error"] and recs[0]["steps"] == 2
-    assert recs[1]["error"] == "" and recs[1]["steps"] == 12
+    assert "simulated MuJoCo failure" in recs[0]["error"] and recs[0]["env_steps"] == 2
+    assert recs[1]["error"] == "" and recs[1]["env_steps"] == 12
 
 
 def test_ensemble_chunking_runs_end_to_end(tmp_path):
@@ -158,7 +158,7 @@ def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer):
                  "policy.config=tiny", "policy.dtype=float32", "steps=2", "tasks=[0]", "init_states=[0]", *FAST)
     summary = evaluate(cfg, tmp_path)
     (rec,) = lines(tmp_path)
-    assert rec["error"] == "" and rec["steps"] == 12 and rec["policy_calls"] == 3
+    assert rec["error"] == "" and rec["env_steps"] == 12 and rec["policy_calls"] == 3
     assert summary["total"]["episodes"] == 1
 
 

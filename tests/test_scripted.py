@@ -17,7 +17,7 @@ def test_scripted_expert_succeeds_and_the_success_is_recorded(tmp_path, suite, t
     summary = evaluate(config(*PROTOCOL, f"suite={suite}", f"tasks=[{task}]", "init_states=[0]"), tmp_path)
     (rec,) = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rec["success"] is True and rec["error"] == ""
-    assert 0 < rec["steps"] < max_steps  # terminated by the env's success check, not truncated
+    assert 0 < rec["env_steps"] < max_steps  # terminated by the env's success check, not truncated
     assert summary["total"]["success_rate"] == 1.0
 
 
@@ -25,7 +25,7 @@ def test_unsupported_goals_are_reported_not_flailed_at(tmp_path):
     evaluate(config(*PROTOCOL, "suite=libero_goal", "tasks=[0]", "init_states=[0]"), tmp_path)
     (rec,) = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert "unsupported by the scripted expert" in rec["error"] and "open wooden_cabinet_1_middle_region" in rec["error"]
-    assert rec["steps"] == 0
+    assert rec["env_steps"] == 0
 
 
 def test_scripted_expert_needs_the_privileged_state():

@@ -203,7 +203,7 @@ def test_remote_evaluation_equals_the_in_process_one(tmp_path, tiny_checkpoint, 
     the environment and the results agree."""
     import helpers
     from helpers import config
-    from policy.pi05.policy import Pi05Policy
+    from policy.libero_policy import Pi05Policy
     from runners.evaluate import evaluate
 
     fast = ["tasks=[0]", "init_states=[0]", "max_steps=10", "vectorization=sync", "videos=none",
@@ -220,6 +220,6 @@ def test_remote_evaluation_equals_the_in_process_one(tmp_path, tiny_checkpoint, 
         remote = [a for *_, a in helpers.LOGS[0].actions]
     assert len(local) == len(remote) == 10
     assert all(np.array_equal(a, b) for a, b in zip(local, remote))
-    read = lambda d: [{k: r[k] for k in ("success", "steps", "error")}  # noqa: E731
+    read = lambda d: [{k: r[k] for k in ("success", "env_steps", "error")}  # noqa: E731
                       for r in map(json.loads, (tmp_path / d / "results.jsonl").read_text().splitlines())]
     assert read("local") == read("remote")

@@ -10,7 +10,7 @@ import pytest
 
 from videos.overlay import CHUNK_MARK, HEADER, banner, compose, frame_size
 from videos.recorder import VideoRecorder, keeps
-from videos.review import write_review
+from runners.review import write_review
 
 
 def views(seed, size=224):
@@ -31,7 +31,7 @@ def record(recorder, outcome, steps=15, init_state=0, chunk_every=5):
 
 
 def test_video_decodes_back_with_expected_frame_count_and_size(tmp_path):
-    rec = VideoRecorder(tmp_path / "videos", keep="all", fps=20)
+    rec = VideoRecorder(tmp_path / "videos", videos="all", fps=20)
     path = record(rec, "failure", steps=15)
     assert rec.close() == []
     frames = imageio.mimread(tmp_path / path, memtest=False)
@@ -71,7 +71,7 @@ def test_overlays_change_the_pixels_where_expected():
 
 
 def test_nothing_is_overwritten_across_episodes_with_the_same_outcome(tmp_path):
-    rec = VideoRecorder(tmp_path / "videos", keep="failures")
+    rec = VideoRecorder(tmp_path / "videos", videos="failures")
     a = record(rec, "failure", steps=5, init_state=0)
     b = record(rec, "failure", steps=6, init_state=0)  # same episode key again (a retry)
     c = record(rec, "failure", steps=7, init_state=1)
@@ -81,23 +81,23 @@ def test_nothing_is_overwritten_across_episodes_with_the_same_outcome(tmp_path):
     assert counts == [25, 26, 27]
 
 
-def test_keep_setting_decides_which_videos_stay(tmp_path):
+def test_videos_setting_decides_which_videos_stay(tmp_path):
     assert keeps("failures", "error") and keeps("failures", "failure") and not keeps("failures", "success")
     assert keeps("all", "success") and not keeps("none", "failure")
-    rec = VideoRecorder(tmp_path / "videos", keep="failures")
+    rec = VideoRecorder(tmp_path / "videos", videos="failures")
     assert record(rec, "success", steps=4) is None
     assert record(rec, "error", steps=4) is not None
     rec.close()
     files = sorted(p.name for p in (tmp_path / "videos").rglob("*"))
     assert files == ["libero_spatial", "task03_init00_seed7_error.mp4"]
     with pytest.raises(ValueError, match="none, failures, all"):
-        VideoRecorder(tmp_path, keep="some")
+        VideoRecorder(tmp_path, videos="some")
 
 
 def test_memory_is_bounded_by_the_queue_not_the_episode(tmp_path):
     from videos import recorder as r
 
-    rec = VideoRecorder(tmp_path / "videos", keep="all")
+    rec = VideoRecorder(tmp_path / "videos", videos="all")
     video = rec.start("libero_10", 0, 0, 7, "long task", 520, 224)
     peak = 0
     for t in range(300):
@@ -112,12 +112,12 @@ def test_memory_is_bounded_by_the_queue_not_the_episode(tmp_path):
 def _fake_evaluation(root: Path, job: str, outcomes):
     """An evaluation directory like the runner writes, with real videos."""
     d = root / job
-    rec = VideoRecorder(d / "videos", keep="failures")
+    rec = VideoRecorder(d / "videos", videos="failures")
     lines = []
     for k, outcome in enumerate(outcomes):
         video = record(rec, outcome, steps=8, init_state=k)
         lines.append({"suite": "libero_spatial", "task_id": 3, "task": "put the bowl on the plate", "init_state_id": k,
-                      "seed": 7, "success": outcome == "success", "steps": 8,
+                      "seed": 7, "success": outcome == "success", "env_steps": 8,
                       "error": "RuntimeError: boom" if outcome == "error" else "",
                       "latency_p50_ms": 12.5, "latency_p95_ms": 20.0, "video": video, "config_hash": "abc"})
     rec.close()
@@ -165,7 +165,7 @@ def test_review_page_renders_in_headless_chromium_and_plays_every_failure(tmp_pa
 
 
 def test_review_command_requires_results(tmp_path, capsys):
-    from videos.review import main
+    from runners.review import main
 
     with pytest.raises(SystemExit):
         main([str(tmp_path)])

@@ -1,1 +1,2 @@
-"""Rollout videos with overlays, and the failure review page. Knows nothing about policies."""
+"""Rollout videos with overlays. Knows nothing about policies or runs (the review page of a run
+directory is runners/review.py)."""

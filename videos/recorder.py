@@ -4,7 +4,7 @@ Each episode streams its frames through a small bounded queue to a background th
 the overlays and pipes them into the ffmpeg binary shipped by imageio-ffmpeg (a separate process,
 so encoding runs in parallel with the simulator). Memory per episode is bounded by the queue,
 whatever the episode length. The video is written to a `.partial.mp4` file; when the episode ends
-the outcome banner is appended and the file is renamed to its final name if `keep` wants it
+the outcome banner is appended and the file is renamed to its final name if the `videos` setting wants it
 (`all`, or `failures` for failed and errored episodes), or deleted.
 """
 
@@ -20,16 +20,16 @@ import numpy as np
 
 from videos.overlay import banner, compose, frame_size
 
-KEEP_MODES = ("none", "failures", "all")
+VIDEOS = ("none", "failures", "all")  # which episodes keep their video (the `videos` setting)
 PARTIAL = ".partial.mp4"
 BANNER_SECONDS = 1.0
 QUEUE_FRAMES = 32
 
 
-def keeps(keep: str, outcome: str) -> bool:
-    if keep not in KEEP_MODES:
-        raise ValueError(f"unknown videos setting {keep!r}; choose one of {', '.join(KEEP_MODES)}")
-    return keep == "all" or (keep == "failures" and outcome != "success")
+def keeps(videos: str, outcome: str) -> bool:
+    if videos not in VIDEOS:
+        raise ValueError(f"unknown videos setting {videos!r}; choose one of {', '.join(VIDEOS)}")
+    return videos == "all" or (videos == "failures" and outcome != "success")
 
 
 def unique_path(path: Path, reserved: set[Path] = frozenset()) -> Path:
@@ -123,9 +123,9 @@ class EpisodeVideo:
 class VideoRecorder:
     """Videos of an evaluation's episodes under `root`, named uniquely per suite/task/init state/config."""
 
-    def __init__(self, root: str | Path, keep: str = "failures", fps: int = 20, tag: str = ""):
-        keeps(keep, "failure")  # validates `keep`
-        self.root, self.keep, self.fps, self.tag = Path(root), keep, fps, tag
+    def __init__(self, root: str | Path, videos: str = "failures", fps: int = 20, tag: str = ""):
+        keeps(videos, "failure")  # validates `videos`
+        self.root, self.videos, self.fps, self.tag = Path(root), videos, fps, tag
         self._open: list[EpisodeVideo] = []
         self._errors: list[BaseException] = []
         self._reserved: set[Path] = set()  # names handed out whose files the encoder has not renamed yet
@@ -139,7 +139,7 @@ class VideoRecorder:
 
     def start(self, suite: str, task_id: int, init_state_id: int, seed: int, task: str, max_steps: int,
               view: int) -> EpisodeVideo | None:
-        if self.keep == "none":
+        if self.videos == "none":
             return None
         self._prune()
         stem = self._stem(suite, task_id, init_state_id, seed)
@@ -154,7 +154,7 @@ class VideoRecorder:
         if video is None:
             return None
         final = None
-        if keeps(self.keep, outcome):
+        if keeps(self.videos, outcome):
             final = unique_path(self.root / f"{video.stem}_{outcome}.mp4", self._reserved)
             self._reserved.add(final)
         video.finish(outcome, final)

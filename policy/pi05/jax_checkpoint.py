@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from policy.pi05.config import Pi05Config
-from policy.pi05.weights import CheckpointMismatch, build_model, load_state, parameter_dtype
+from policy.pi05.weights import build_model, check_tensors, load_state, parameter_dtype
 
 
 @dataclass(frozen=True)
@@ -187,21 +187,9 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
 
 
 def check_arrays(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> None:
+    """Every array the plan expects, with its shape, and nothing else (one error listing all problems)."""
     expected = {p.path: p.shape for p in plan}
-    found = {path: ckpt.shape(path) for path in ckpt.names if path in expected}
-    extra = {path: () for path in ckpt.names if path not in expected}
-    missing = sorted(set(expected) - set(found))
-    shapes = sorted(k for k in found if tuple(found[k]) != tuple(expected[k]))
-    if not (missing or shapes or extra):
-        return
-    lines = [f"{ckpt.params} does not match the Pi0.5 model ({len(missing)} missing, {len(extra)} unexpected, "
-             f"{len(shapes)} with the wrong shape):"]
-    lines += [f"  missing: {k} {list(expected[k])}" for k in missing]
-    lines += [f"  unexpected: {k}" for k in sorted(extra)]
-    lines += [f"  wrong shape: {k}: checkpoint {list(found[k])}, model {list(expected[k])}" for k in shapes]
-    lines.append("Check that this is a pi05 checkpoint and that `config` matches its sizes (presets: pi05_libero, "
-                 "pi05_base, tiny).")
-    raise CheckpointMismatch("\n".join(lines))
+    check_tensors(expected, {path: ckpt.shape(path) for path in ckpt.names}, str(ckpt.params))
 
 
 def iter_parameters(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> Iterator[tuple[str, torch.Tensor]]:

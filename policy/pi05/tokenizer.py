@@ -30,8 +30,9 @@ TOKENIZER_HELP = (
 
 
 def default_tokenizer_path() -> Path:
-    root = Path(os.environ.get("OPENPI_DATA_HOME", Path.home() / ".cache" / "openpi")).expanduser()
-    return root / "big_vision" / "paligemma_tokenizer.model"
+    from policy.pi05.checkpoints import openpi_data_home
+
+    return openpi_data_home() / "big_vision" / "paligemma_tokenizer.model"
 
 
 def clean(prompt: str) -> str:
@@ -43,16 +44,53 @@ def discretize_state(state: np.ndarray) -> np.ndarray:
     return np.digitize(np.asarray(state), bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
 
 
+# What the stand-in tokenizer is trained on: LIBERO's instruction vocabulary, so its prompts come out
+# at about the real tokenizer's length (17-29 tokens against ~16-21: the same compile bucket).
+_STAND_IN_TEXTS = [
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "pick up the alphabet soup and place it in the basket", "open the middle drawer of the cabinet",
+    "put both the alphabet soup and the tomato sauce in the basket", "turn on the stove",
+    "put the wine bottle on top of the cabinet", "push the plate to the front of the stove",
+    "Task: put the bowl on the plate, State: 12 128 255 0;\nAction: ", "stack the black bowls",
+]
+
+
+def stand_in_model_proto() -> bytes:
+    """A small SentencePiece model (vocab 180; ids as Gemma's: pad 0, eos 1, bos 2) trained here on
+    LIBERO-like instructions. Only for random weights, whose actions mean nothing anyway: it lets a
+    speed test run without PaliGemma's file, which this project never downloads."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_STAND_IN_TEXTS * 20), model_writer=model, vocab_size=180,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, model_type="bpe",
+                                   user_defined_symbols=["\n"], remove_extra_whitespaces=False,
+                                   character_coverage=1.0, minloglevel=2)
+    return model.getvalue()
+
+
 class PaligemmaTokenizer:
-    def __init__(self, path: str | os.PathLike | None = None, max_len: int = 200):
+    def __init__(self, path: str | os.PathLike | None = None, max_len: int = 200, model_proto: bytes | None = None):
         import sentencepiece
 
+        self.max_len = int(max_len)
+        if model_proto is not None:
+            self.path = None
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+            return
         p = Path(path).expanduser() if path is not None else default_tokenizer_path()
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file {p} not found. {TOKENIZER_HELP}")
         self.path = p
-        self.max_len = int(max_len)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(p))
+
+    @classmethod
+    def stand_in(cls, max_len: int = 200) -> "PaligemmaTokenizer":
+        log.warning("no PaliGemma tokenizer file: using a generated stand-in tokenizer (random weights only; "
+                    "prompts are tokenized differently from the real model)")
+        return cls(max_len=max_len, model_proto=stand_in_model_proto())
 
     def ids(self, prompt: str, state: np.ndarray | None = None) -> list[int]:
         text = clean(prompt)

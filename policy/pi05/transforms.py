@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.images import resize_with_pad
+from openpi_client.image_tools import resize_with_pad
 
 LIBERO_ACTION_DIM = 7
 
@@ -46,6 +46,11 @@ class NormStats:
         if "actions" not in q01:
             raise ValueError(f"{path} has no 'actions' statistics")
         return cls(q01, q99, str(path))
+
+    @classmethod
+    def identity(cls, dim: int = LIBERO_ACTION_DIM) -> "NormStats":
+        """Statistics that leave actions in the model's normalized [-1, 1] space (random weights)."""
+        return cls({"actions": -np.ones(dim, np.float32)}, {"actions": np.ones(dim, np.float32) - 1e-6}, "identity")
 
     def normalize(self, key: str, x: np.ndarray) -> np.ndarray:
         lo, hi = self.q01[key][..., : x.shape[-1]], self.q99[key][..., : x.shape[-1]]

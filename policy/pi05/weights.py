@@ -1,8 +1,8 @@
-"""Loading Pi0.5 weights: openpi's PyTorch checkpoints (and JAX ones, see jax_checkpoint.py).
+"""Pi0.5 parameters by openpi's names: key mapping, dtypes, the mismatch report, random weights.
 
-openpi's PyTorch checkpoint is a directory with `model.safetensors` (812 tensors for pi05, written
-by `safetensors.torch.save_model` from `PI0Pytorch`), `config.json` and `assets/<id>/norm_stats.json`.
-Quirks handled here, and nowhere else:
+openpi's PyTorch checkpoint (`model.safetensors`, 812 tensors for pi05, written by
+`safetensors.torch.save_model` from `PI0Pytorch`) names every parameter; ours map one-to-one
+through a prefix table. Quirks handled here, and nowhere else:
 
 * the token embedding is tied: the file stores `paligemma_with_expert.paligemma.lm_head.weight`
   and drops `...language_model.embed_tokens.weight` (either is accepted);
@@ -11,15 +11,13 @@ Quirks handled here, and nowhere else:
 * openpi serves in bf16 except a set of fp32 parameters (patch and position embeddings, every
   RMS/adaRMS norm including the adaRMS Dense layers, and the four small heads): kept in fp32.
 
-Every key and shape is checked; all problems are reported in one error (no silent strict=False).
+Finding and reading checkpoint files is policy/pi05/checkpoints.py's job; this module only knows
+names, shapes and dtypes, so both file formats (checkpoints.py, jax_checkpoint.py) build on it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -44,15 +42,6 @@ IGNORED_KEYS = frozenset({"paligemma_with_expert.gemma_expert.lm_head.weight"})
 _FP32_MARKERS = ("vision.embeddings.", "input_layernorm", "post_attention_layernorm", "llm.norm.", "expert.norm.",
                  "action_in_proj.", "action_out_proj.", "time_mlp_in.", "time_mlp_out.")
 
-CHECKPOINT_HELP = (
-    "Pi0.5 weights are not downloaded by this project. Get openpi's checkpoint, e.g. "
-    "`gsutil -m cp -r gs://openpi-assets/checkpoints/pi05_libero ~/.cache/openpi/openpi-assets/checkpoints/` "
-    "(an openpi JAX checkpoint directory is read directly; `python -m policy.convert SRC DST` makes a faster-"
-    "loading PyTorch copy), or a published PyTorch conversion (a directory with model.safetensors), and pass "
-    "its path as checkpoint=..."
-)
-
-
 def openpi_key(name: str) -> str:
     """Our parameter name -> openpi's checkpoint key."""
     if name == "llm.embed_tokens.weight":
@@ -60,7 +49,7 @@ def openpi_key(name: str) -> str:
     for ours, theirs in _PREFIXES:
         if name.startswith(ours):
             return theirs + name[len(ours):]
-    raise AssertionError(name)
+    raise KeyError(f"parameter {name!r} has no openpi checkpoint key (is it a Pi05Model parameter?)")
 
 
 def our_name(key: str) -> str:
@@ -70,7 +59,7 @@ def our_name(key: str) -> str:
     for ours, theirs in _PREFIXES:
         if key.startswith(theirs):
             return ours + key[len(theirs):]
-    raise AssertionError(key)
+    raise KeyError(f"checkpoint key {key!r} is not a Pi0.5 parameter")
 
 
 def keeps_fp32(name: str) -> bool:
@@ -80,42 +69,6 @@ def keeps_fp32(name: str) -> bool:
 
 def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if keeps_fp32(name) else dtype
-
-
-def openpi_data_home() -> Path:
-    return Path(os.environ.get("OPENPI_DATA_HOME", Path.home() / ".cache" / "openpi")).expanduser()
-
-
-def find_checkpoint(name: str = "pi05_libero") -> Path:
-    """Default search, following openpi's cache layout: $OPENPI_DATA_HOME/openpi-assets/checkpoints/<name>*."""
-    root = openpi_data_home() / "openpi-assets" / "checkpoints"
-    candidates = sorted(p for p in root.glob(f"{name}*") if is_checkpoint_dir(p)) if root.is_dir() else []
-    if not candidates:
-        raise FileNotFoundError(f"no Pi0.5 checkpoint found: looked for {root}/{name}* "
-                                f"(set OPENPI_DATA_HOME to move that root). {CHECKPOINT_HELP}")
-    # Prefer a PyTorch copy (fast to load) over the JAX original when both exist.
-    candidates.sort(key=lambda p: (not (p / "model.safetensors").is_file(), len(p.name)))
-    return candidates[0]
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() or (path / "params" / "_METADATA").is_file()
-
-
-def _checkpoint_config(ckpt_dir: Path, cfg: Pi05Config) -> Pi05Config:
-    """openpi's converter writes config.json; the action horizon is not visible in the weights."""
-    path = ckpt_dir / "config.json"
-    if not path.is_file():
-        return cfg
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return cfg
-    horizon = meta.get("action_horizon")
-    if isinstance(horizon, int) and horizon != cfg.chunk_size:
-        log.warning("checkpoint config.json says action_horizon=%d; using it instead of %d", horizon, cfg.chunk_size)
-        cfg = cfg.replace(chunk_size=horizon)
-    return cfg
 
 
 class CheckpointMismatch(ValueError):
@@ -133,7 +86,7 @@ def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], source: s
              f"{len(shapes)} with the wrong shape):"]
     lines += [f"  missing: {k} {list(expected[k])}" for k in missing[:50]]
     lines += [f"  unexpected: {k} {list(found[k])}" for k in extra[:50]]
-    lines += [f"  wrong shape: {k}: file {list(found[k])}, model {list(expected[k])}" for k in shapes[:50]]
+    lines += [f"  wrong shape: {k}: checkpoint {list(found[k])}, model {list(expected[k])}" for k in shapes[:50]]
     if max(len(missing), len(extra), len(shapes)) > 50:
         lines.append("  ... (lists cut at 50)")
     lines.append("Check that the checkpoint is a pi05 model and that `config` matches its sizes "
@@ -146,7 +99,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple]:
     return {openpi_key(n): tuple(p.shape) for n, p in model.state_dict().items()}
 
 
-def _normalize_keys(keys: Iterable[str]) -> dict[str, str]:
+def normalize_keys(keys: Iterable[str]) -> dict[str, str]:
     """file key -> openpi key: strips lerobot's `model.` prefix, drops ignored keys, resolves the tie."""
     keys = list(keys)
     strip = bool(keys) and all(k.startswith("model.") for k in keys)
@@ -173,58 +126,6 @@ def load_state(model: Pi05Model, tensors: dict[str, torch.Tensor], device, dtype
     state = {n: t.to(device=device, dtype=parameter_dtype(n, dtype)) for n, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def _load_safetensors(path: Path, cfg: Pi05Config, device, dtype) -> Pi05Model:
-    from safetensors import safe_open
-
-    model = build_model(cfg)
-    expected = expected_tensors(model)
-    with safe_open(str(path), framework="pt") as f:
-        mapping = _normalize_keys(f.keys())
-        found = {mapping[k]: tuple(f.get_slice(k).get_shape()) for k in mapping}
-        check_tensors(expected, found, str(path))
-        tensors = {our_name(key): f.get_tensor(k) for k, key in mapping.items()}
-    return load_state(model, tensors, device, dtype)
-
-
-def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
-    if path is None:
-        return find_checkpoint()
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist. {CHECKPOINT_HELP}")
-    if p.is_dir() and not is_checkpoint_dir(p):
-        raise FileNotFoundError(f"{p} holds neither model.safetensors (openpi PyTorch) nor params/_METADATA "
-                                f"(openpi JAX). {CHECKPOINT_HELP}")
-    return p
-
-
-def load_model(path: str | os.PathLike | None = None, config: str | Pi05Config = "pi05_libero",
-               device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16) -> Pi05Model:
-    """Load Pi0.5 from an openpi checkpoint.
-
-    path:   a directory with `model.safetensors` (openpi PyTorch, or lerobot's `model.`-prefixed
-            keys), the `.safetensors` file itself, an openpi JAX checkpoint directory (`params/_METADATA`),
-            "random" for randomly initialised weights (benchmarks, smoke runs; says so loudly), or None
-            to search $OPENPI_DATA_HOME/openpi-assets/checkpoints/pi05_libero* (default ~/.cache/openpi).
-    config: a preset name ("pi05_libero", "pi05_base", "tiny") or a Pi05Config; the checkpoint's
-            config.json, when present, sets the action horizon.
-    dtype:  compute dtype; openpi's fp32 parameter set stays fp32 (bf16 by default, as openpi serves).
-    """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if isinstance(path, str) and path == "random":
-        return random_model(config, device=device, dtype=dtype)
-    p = resolve_checkpoint(path)
-    cfg = get_config(config)
-    if p.is_dir() and (p / "params" / "_METADATA").is_file() and not (p / "model.safetensors").is_file():
-        from policy.pi05.jax_checkpoint import load_jax_checkpoint
-
-        return load_jax_checkpoint(p, cfg, device=device, dtype=dtype)
-    file = p / "model.safetensors" if p.is_dir() else p
-    if p.is_dir():
-        cfg = _checkpoint_config(p, cfg)
-    return _load_safetensors(file, cfg, device, dtype)
 
 
 def init_random_(model: Pi05Model, seed: int = 0) -> Pi05Model:

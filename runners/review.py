@@ -1,13 +1,13 @@
 """A self-contained failure review page for an evaluation or a sweep directory.
 
-    python -m videos.review DIR        # writes DIR/review.html
+    python -m runners.review DIR       # writes DIR/review.html
 
 The page uses only relative links and inline CSS (no network, no scripts): the sweep plot and table
 when DIR is a sweep, then for every evaluation under DIR its success table per task (Wilson 95%
 CIs) and a gallery of its failed and errored episodes, grouped by task, each video playable inline
 with its init state, steps and policy latency (successful episodes that kept a video are listed,
 folded, below).  It reads what the runner wrote (results.jsonl and
-summary.json) and knows nothing about policies.
+summary.json, through runners/rundir.py) and knows nothing about policies.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import csv
 import html
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from runners.rundir import find_runs, policy_label, read_records, read_summary, summarize, upgrade_summary
+from runners.tables import html_table, num
 
 PAGE = "review.html"
 
@@ -42,57 +44,11 @@ img.plot { max-width: 100%; border: 1px solid #ddd; background: #fff; }
 """
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _ms(x) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def _load_records(path: Path) -> list[dict[str, Any]]:
-    latest: dict[tuple, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run
-            latest[(rec["suite"], rec["task_id"], rec["init_state_id"], rec["seed"])] = rec
-    return list(latest.values())
-
-
-def _evaluations(root: Path) -> list[Path]:
-    dirs = [p.parent for p in root.rglob("results.jsonl") if not any(part.startswith(".") for part in p.parts)]
-    return sorted(set(dirs))
-
-
 def _config_line(summary: dict[str, Any]) -> str:
     cfg = summary.get("config", {})
-    pol = cfg.get("policy", {}) or {}
-    name = summary.get("policy_name") or str(pol.get("_target_", "?")).rsplit(".", 1)[-1]
-    keys = [("policy", name), ("suite", cfg.get("suite")), ("steps", cfg.get("steps")),
+    keys = [("policy", policy_label(summary)), ("suite", cfg.get("suite")), ("steps", cfg.get("steps")),
             ("backend", cfg.get("backend")), ("replan", cfg.get("replan")), ("chunking", cfg.get("chunking"))]
     return "  ".join(f"{k}={v}" for k, v in keys if v is not None) + f"  [config {summary.get('config_hash', '?')}]"
-
-
-def _task_table(summary: dict[str, Any]) -> str:
-    rows = ["<table><tr><th>suite</th><th>task</th><th class=text>instruction</th><th>success %</th>"
-            "<th>95% CI</th><th>episodes</th><th>errors</th><th>mean steps</th><th>p50 ms</th><th>p95 ms</th></tr>"]
-
-    def row(suite, task, text, s):
-        lo, hi = s["ci95"]
-        return (f"<tr><td>{html.escape(str(suite))}</td><td>{task}</td><td class=text>{html.escape(text)}</td>"
-                f"<td>{_pct(s['success_rate'])}</td><td>[{100 * lo:.1f}, {100 * hi:.1f}]</td><td>{s['episodes']}</td>"
-                f"<td>{s['errors']}</td><td>{_ms(s['mean_steps'])}</td><td>{_ms(s['latency_p50_ms'])}</td>"
-                f"<td>{_ms(s['latency_p95_ms'])}</td></tr>")
-
-    for t in summary.get("tasks", []):
-        rows.append(row(t["suite"], t["task_id"], t.get("task", ""), t))
-    for suite, s in summary.get("suites", {}).items():
-        rows.append(row(suite, "all", "", s))
-    rows.append("</table>")
-    return "\n".join(rows)
 
 
 def _gallery(eval_dir: Path, root: Path, records: list[dict[str, Any]]) -> tuple[str, int]:
@@ -132,8 +88,8 @@ def _cards(eval_dir: Path, root: Path, chosen: list[dict[str, Any]], verb: str) 
                 card.append(f"<p>video missing: {html.escape(video)}</p>")
             card.append(
                 f'<div class="meta"><b class="outcome-{outcome}">{outcome}</b> &middot; init state {r["init_state_id"]}'
-                f' &middot; seed {r["seed"]} &middot; {r["steps"]} steps &middot; latency p50 {_ms(r.get("latency_p50_ms"))} ms,'
-                f' p95 {_ms(r.get("latency_p95_ms"))} ms</div>')
+                f' &middot; seed {r["seed"]} &middot; {r.get("env_steps")} env steps &middot; latency p50'
+                f' {num(r.get("latency_p50_ms"))} ms, p95 {num(r.get("latency_p95_ms"))} ms</div>')
             if r.get("error"):
                 card.append(f"<pre>{html.escape(str(r['error']))}</pre>")
             card.append("</div>")
@@ -176,19 +132,15 @@ def write_review(root: str | os.PathLike) -> Path:
     """Write `root`/review.html and return its path."""
     root = Path(root)
     body = [f"<h1>Rollout review: {html.escape(root.name)}</h1>", _sweep_section(root)]
-    for eval_dir in _evaluations(root):
-        records = _load_records(eval_dir / "results.jsonl")
-        summary_path = eval_dir / "summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        else:  # a run still in progress: summarize what is there
-            from runners.results import summarize
-
-            summary = summarize(records)
+    for eval_dir in find_runs(root):
+        records = list(read_records(eval_dir)[0].values())
+        summary = read_summary(eval_dir)
+        # a run still in progress has no summary yet: summarize what is there
+        summary = upgrade_summary(summary) if summary is not None else summarize(records)
         title = os.path.relpath(eval_dir, root)
         body.append(f"<h2>{html.escape('evaluation' if title == '.' else title)}</h2>")
         body.append(f'<div class="config">{html.escape(_config_line(summary))}</div>')
-        body.append(_task_table(summary))
+        body.append(html_table(summary))
         gallery, _ = _gallery(eval_dir, root, records)
         body.append(gallery)
         body.append(_successes(eval_dir, root, records))
@@ -209,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.dir)
     if not root.is_dir():
         parser.error(f"{root} is not a directory")
-    if not _evaluations(root):
+    if not find_runs(root):
         parser.error(f"no results.jsonl under {root}: point at an evaluation or sweep directory")
     print(write_review(root))
 

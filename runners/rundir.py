@@ -1,0 +1,217 @@
+"""A run directory and its files: the one place that knows how results are written and read.
+
+An evaluation's directory holds
+
+    results.jsonl    one JSON line per finished episode, appended, flushed and fsync'ed before the
+                     runner moves on (a killed run loses at most its in-flight episodes); the newest
+                     line for an episode wins; a torn last line (killed mid-write) is ignored and kept
+    summary.json     per task and suite: success with Wilson 95% CIs, errors, env steps, latency; the
+                     resolved config, its hash, the policy's label and identity, provenance
+    summary.md       the per-task table (runners/tables.py renders it)
+    provenance.jsonl one line per (re)start of the run: commit, versions, host, time
+    config.yaml      the resolved config of the latest start
+    videos/, review.html
+
+A sweep's directory holds one such directory per job plus sweep.csv/.md/.png (runners/aggregate.py).
+Everything that reads these files (aggregate, review, compare, reproduce) goes through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from runners.stats import wilson_interval
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+SUMMARY_MD = "summary.md"
+PROVENANCE_FILE = "provenance.jsonl"
+CONFIG_FILE = "config.yaml"
+
+# Fields renamed since the first results format; files written before keep working.
+_RENAMED = {"steps": "env_steps"}
+
+
+def episode_key(rec: dict[str, Any]) -> tuple[str, int, int, int]:
+    return (rec["suite"], int(rec["task_id"]), int(rec["init_state_id"]), int(rec["seed"]))
+
+
+def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
+    """A result line in today's field names (`steps` of the first format is `env_steps`)."""
+    for old, new in _RENAMED.items():
+        if old in rec and new not in rec:
+            rec[new] = rec.pop(old)
+    return rec
+
+
+def read_records(path: str | os.PathLike) -> tuple[dict[tuple, dict[str, Any]], int]:
+    """Every episode's newest line of a results.jsonl (or of the run directory holding one), and the
+    number of torn lines skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    records: dict[tuple, dict[str, Any]] = {}
+    torn = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+                key = episode_key(rec)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                torn += 1  # a line cut short by a kill; the episode is simply re-run
+                continue
+            records[key] = upgrade(rec)
+    return records, torn
+
+
+class ResultsLog:
+    """Append-only episode log for one evaluation (one config) in one directory."""
+
+    def __init__(self, out_dir: str | os.PathLike, config_hash: str):
+        self.path = Path(out_dir) / RESULTS_FILE
+        self.config_hash = config_hash
+        self.records: dict[tuple, dict[str, Any]] = {}
+        self.torn_lines = 0
+        if self.path.exists():
+            records, self.torn_lines = read_records(self.path)
+            foreign = {str(r.get("config_hash")) for r in records.values() if r.get("config_hash") != config_hash}
+            if foreign:
+                raise ValueError(
+                    f"{self.path} holds results of another configuration (config hash {', '.join(sorted(foreign))}, "
+                    f"this run is {config_hash}). Results of different configurations are not mixed: choose a new "
+                    f"output directory (out=...), or restore the configuration those results were made with.")
+            self.records = records
+
+    def done(self, retry_errors: bool = True) -> set[tuple]:
+        return {k for k, r in self.records.items() if not (retry_errors and r.get("error"))}
+
+    def append(self, rec: dict[str, Any]) -> None:
+        rec = {**rec, "config_hash": self.config_hash}
+        append_line(self.path, rec)
+        self.records[episode_key(rec)] = rec
+
+
+def append_line(path: Path, rec: dict[str, Any]) -> None:
+    """Append one JSON line, flushed and fsync'ed; a torn line left by an earlier kill is closed first."""
+    line = json.dumps(rec, default=_json_default)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # make sure a torn line from an earlier kill does not swallow this one
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write atomically (temp file + rename) so a kill never leaves half a summary behind."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """Every evaluation directory at or under `root` (a directory holding results.jsonl). Hidden
+    folders *inside* root (.hydra, .submitit) are skipped; root itself may live anywhere (../run,
+    ~/.cache/...)."""
+    root = Path(root)
+    dirs = set()
+    for p in root.rglob(RESULTS_FILE):
+        if not any(part.startswith(".") for part in p.relative_to(root).parts):
+            dirs.add(p.parent)
+    return sorted(dirs)
+
+
+# ----- summaries -----------------------------------------------------------------------------------------
+
+def latency_stats(latencies_ms: Iterable[float]) -> dict[str, float | None]:
+    lat = np.asarray(list(latencies_ms), dtype=np.float64)
+    if lat.size == 0:
+        return {"latency_p50_ms": None, "latency_p95_ms": None}
+    return {"latency_p50_ms": float(np.percentile(lat, 50)), "latency_p95_ms": float(np.percentile(lat, 95))}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Success with its Wilson 95% CI (errors excluded), errors, mean env steps, latency."""
+    valid = [r for r in recs if not r.get("error")]
+    succ = sum(bool(r["success"]) for r in valid)
+    lo, hi = wilson_interval(succ, len(valid))
+    lat = [x for r in recs for x in r.get("latencies_ms", [])]
+    return {
+        "episodes": len(valid),
+        "successes": succ,
+        "success_rate": succ / len(valid) if valid else None,
+        "ci95": [lo, hi],
+        "errors": len(recs) - len(valid),
+        "mean_env_steps": _mean([r.get("env_steps") for r in valid]),
+        "policy_calls": len(lat),
+        **latency_stats(lat),
+    }
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per task, per suite and in total: see `group_stats`."""
+    by_task: dict[tuple[str, int], list] = defaultdict(list)
+    by_suite: dict[str, list] = defaultdict(list)
+    for r in records:
+        r = upgrade(dict(r))
+        by_task[(r["suite"], int(r["task_id"]))].append(r)
+        by_suite[r["suite"]].append(r)
+    tasks = []
+    for (suite, tid), recs in sorted(by_task.items()):
+        tasks.append({"suite": suite, "task_id": tid, "task": recs[0].get("task", ""), **group_stats(recs)})
+    suites = {s: group_stats(recs) for s, recs in sorted(by_suite.items())}
+    everything = [r for recs in by_suite.values() for r in recs]
+    return {"tasks": tasks, "suites": suites, "total": group_stats(everything)}
+
+
+def upgrade_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary.json of the first format (`mean_steps`) in today's names."""
+    for group in [*summary.get("tasks", []), *summary.get("suites", {}).values(), summary.get("total", {})]:
+        if "mean_steps" in group and "mean_env_steps" not in group:
+            group["mean_env_steps"] = group.pop("mean_steps")
+    return summary
+
+
+def policy_label(summary: dict[str, Any]) -> str:
+    """The policy's short name for tables: the config group choice (`pi05`, `zero`, ...) when known,
+    else the class name of the policy's `_target_`."""
+    if summary.get("policy_name"):
+        return str(summary["policy_name"])
+    target = (summary.get("config", {}).get("policy") or {}).get("_target_", "?")
+    return str(target).rsplit(".", 1)[-1]

@@ -1,0 +1,36 @@
+"""The package installs from a wheel, not only editable: configs and data files travel with it."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_wheel_install_runs_the_evaluation_entry_point_with_its_configs(tmp_path):
+    wheels = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(REPO)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    (wheel,) = wheels.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("runners/conf/evaluate.yaml", "runners/conf/policy/pi05.yaml", "runners/conf/protocol/openpi.yaml",
+                   "runners/conf/hydra/launcher/joblib.yaml", "policy/backends/calibration/agentview.png"):
+        assert needed in names, f"{needed} is not in the wheel"
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # Run from an empty directory with only the installed copy on the path ahead of the checkout.
+    env = dict(os.environ, PYTHONPATH=str(site))
+    where = subprocess.run([sys.executable, "-c", "import runners; print(runners.__file__, runners.CONF_DIR)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert str(site) in where and str(REPO) not in where, where
+    out = subprocess.run([sys.executable, "-m", "runners.evaluate", "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "policy: pi05, random, remote, scripted, zero" in out.stdout and "protocol: openpi, smoke" in out.stdout
+    job = subprocess.run([sys.executable, "-m", "runners.evaluate", "--cfg", "job", "policy=scripted", "suite=libero_object"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert "_target_: policy.scripted.ScriptedPolicy" in job.stdout and "suite: libero_object" in job.stdout
