@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -44,8 +45,9 @@ class ServeProcess:
 
     def __enter__(self) -> "ServeProcess":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-        self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        # its log goes to a file: an unread pipe fills up and the server then blocks on logging
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -54,7 +56,9 @@ class ServeProcess:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.kill()
-                    raise RuntimeError(f"server did not come up:\n{self.output()}")
+                    log = self.output()
+                    self.log.close()
+                    raise RuntimeError(f"server did not come up:\n{log}")
                 time.sleep(0.1)
 
     def alive(self) -> bool:
@@ -76,13 +80,14 @@ class ServeProcess:
             self.proc.wait()
 
     def output(self) -> str:
-        self.kill()
-        return self.proc.stdout.read() if self.proc.stdout else ""
+        """The server's log so far (its last 20,000 characters)."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-20_000:]
 
     def __exit__(self, *exc):
         self.kill()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        self.log.close()
 
 
 class NonDictPolicy(ZeroPolicy):
