@@ -69,20 +69,21 @@ class _Connection:
             raise
 
     def _reply(self, deadline: float) -> Any:
-        try:
-            message = self.ws.recv(timeout=_left(deadline))
-        except ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == CloseCode.MESSAGE_TOO_BIG:
-                raise RuntimeError(f"the server refused the observation as too big ({exc.rcvd.reason}); send "
-                                   f"smaller images or raise the server's max_message_mb") from None
-            raise
+        message = self.ws.recv(timeout=_left(deadline))
         if isinstance(message, str):  # openpi's protocol: a text reply is the server's error message
             raise RuntimeError(f"Error in inference server:\n{message}")
         return msgpack_numpy.unpackb(message)
 
     def infer(self, obs: dict[str, Any], deadline: float) -> dict[str, Any]:
-        self.ws.send(msgpack_numpy.packb(obs))
-        reply = self._reply(deadline)
+        try:
+            self.ws.send(msgpack_numpy.packb(obs))
+            reply = self._reply(deadline)
+        except ConnectionClosed as exc:  # the server may refuse a big message while it is still being sent
+            too_big = [c for c in (exc.rcvd, exc.sent) if c is not None and c.code == CloseCode.MESSAGE_TOO_BIG]
+            if too_big:
+                raise RuntimeError(f"the server refused the observation as too big ({too_big[0].reason}); send "
+                                   f"smaller images or raise the server's max_message_mb") from None
+            raise
         if not isinstance(reply, dict) or "actions" not in reply:
             raise RuntimeError(f"the server replied with {type(reply).__name__} without 'actions'")
         return reply

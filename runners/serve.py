@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> None:
     policy_cfg.pop("api_key", None)  # policy=remote behind this server: its upstream key is no client's business
     meta = {"policy": policy_cfg, "steps": cfg.steps, "backend": cfg.backend}
     server = PolicyServer(policy, cfg.host, cfg.port, cfg.max_batch, cfg.batch_window_ms, metadata=meta,
-                          max_message_mb=cfg.max_message_mb, api_key=cfg.api_key)
+                          max_message_mb=cfg.max_message_mb,
+                          api_key=None if cfg.api_key is None else str(cfg.api_key))  # api_key=1234 is an int to Hydra
     asyncio.run(server.run())
 
 
