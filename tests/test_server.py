@@ -275,20 +275,20 @@ def test_max_message_mb_must_be_positive():
 
 
 def test_decoding_runs_off_the_event_loop():
-    """While one client's message is being decoded, another client's request is answered. The slow
-    decode is made deterministic by a decode function that waits for an event."""
+    """While one client's observation is being parsed (made slow here, deterministically: it waits for
+    an event), another client's request is answered. Parsing on the event loop would block it."""
     import runners.server as server_mod
 
     release, entered = threading.Event(), threading.Event()
-    real = server_mod.decode_observation
+    real = server_mod.parse_observation
 
-    def slow_for_big(message, image_size):
-        if len(message) > 1_000_000:  # only the big client's message waits
+    def slow_for_big(obs, image_size=224):
+        if obs["observation/image"].shape[0] == 800:  # only the big client's observation waits
             entered.set()
             release.wait(20)
-        return real(message, image_size)
+        return real(obs, image_size)
 
-    orig, server_mod.decode_observation = server_mod.decode_observation, slow_for_big
+    server_mod.parse_observation = slow_for_big
     try:
         with Running(ZeroPolicy()) as server:
             big_client = WebsocketClientPolicy("127.0.0.1", server.port)
@@ -302,14 +302,14 @@ def test_decoding_runs_off_the_event_loop():
             s = threading.Thread(target=lambda: got.setdefault("small", small_client.infer(observation(1))))
             s.start()
             s.join(5)
-            answered_while_decoding = "small" in got
+            answered_while_parsing = "small" in got
             release.set()
             t.join(10)
             s.join(10)
     finally:
-        server_mod.decode_observation = orig
+        server_mod.parse_observation = real
         release.set()
-    assert answered_while_decoding, "the small client waited for the big client's decoding"
+    assert answered_while_parsing, "the small client waited for the big client's parsing"
     assert out["big"]["actions"].shape == (10, 7)
 
 

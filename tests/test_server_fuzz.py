@@ -49,13 +49,21 @@ def _valid(rng):
 
 def _hostile_array(rng):
     dtype = rng.choice(DTYPES)
-    ndim = rng.choice([0, 1, 2, 3, 4, 5, 9])
-    shape = [rng.choice([0, 1, 3, 8, 224, -1, -2**63, 2**31, 2**63 - 1, 2**64 - 1]) for _ in range(ndim)]
-    try:
-        size = math.prod(shape) * max(1, np.dtype(dtype).itemsize) if all(0 <= d < 4096 for d in shape) else 0
-    except TypeError:
-        size = 0
-    n = rng.choice([size, max(0, size - 1), size + 1, 0, 64, 1000]) if size < 2**20 else 64
+    if rng.random() < 0.5:  # sizes consistent with the dtype: past numpy's own buffer-size check
+        shape = [rng.choice([1, 3, 8]) for _ in range(rng.choice([1, 1, 2, 3]))]
+        try:
+            itemsize = np.dtype(dtype).itemsize
+        except Exception:  # noqa: BLE001 (not a dtype numpy knows: any size will do)
+            itemsize = 4
+        n = math.prod(shape) * itemsize
+    else:
+        ndim = rng.choice([0, 1, 2, 3, 4, 5, 9])
+        shape = [rng.choice([0, 1, 3, 8, 224, -1, -2**63, 2**31, 2**63 - 1, 2**64 - 1]) for _ in range(ndim)]
+        try:
+            size = math.prod(shape) * max(1, np.dtype(dtype).itemsize) if all(0 <= d < 4096 for d in shape) else 0
+        except TypeError:
+            size = 0
+        n = rng.choice([size, max(0, size - 1), size + 1, 0, 64, 1000]) if size < 2**20 else 64
     arr = {b"__ndarray__": True, b"data": bytes(rng.getrandbits(8) for _ in range(min(n, 4096))) + b"\0" * max(0, n - 4096),
            b"dtype": dtype, b"shape": shape}
     mutate = rng.random()
@@ -83,8 +91,8 @@ def _structured(rng):
     obs = _valid(rng)
     kind = rng.random()
     keys = list(obs)
-    if kind < 0.45:
-        obs[rng.choice(keys)] = _hostile_array(rng)
+    if kind < 0.45:  # the state most often: it is the array the server reads element by element
+        obs[rng.choice(keys + ["observation/state"] * 3)] = _hostile_array(rng)
     elif kind < 0.7:
         obs[rng.choice(keys)] = _odd_value(rng)
     elif kind < 0.78:
