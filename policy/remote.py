@@ -111,7 +111,8 @@ class RemotePolicy:
         if not float(timeout_s) > 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
         self.host, self.port, self.api_key, self.timeout_s = host, int(port), api_key, float(timeout_s)
-        self.uri = f"{host if host.startswith('ws') else 'ws://' + host}:{self.port}"  # as WebsocketClientPolicy
+        # as WebsocketClientPolicy builds it, except that a host named "ws..." is not taken for a URI
+        self.uri = f"{host if host.startswith(('ws://', 'wss://')) else 'ws://' + host}:{self.port}"
         self._clients: list[_Connection | None] = []
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="remote")
@@ -177,7 +178,7 @@ class RemotePolicy:
             else:
                 self._drop(i, used.get(i))  # unblocks the stuck send; that thread then ends on its own
                 results.append((None, TimeoutError(f"no reply from {self.uri} within timeout_s={self.timeout_s:g} s "
-                                                   f"(the request could not be sent)")))
+                                                   f"(still connecting or sending)")))
         good = [a for a, _ in results if a is not None]
         if not good:
             raise results[0][1]

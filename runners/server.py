@@ -92,8 +92,9 @@ def _image(value: Any, key: str, size: int) -> np.ndarray:
 def _state(value: Any) -> np.ndarray:
     if isinstance(value, (list, tuple)) and all(type(x) in (int, float) for x in value):
         value = np.asarray(value, dtype=np.float64)  # a plain list of numbers is fine too
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
-        raise BadRequest(f"observation/state must be an array of 8 numbers, got {type(value).__name__}")
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+        raise BadRequest(f"observation/state must be an array of 8 numbers, got "
+                         f"{type(value).__name__}{' of dtype ' + str(value.dtype) if isinstance(value, np.ndarray) else ''}")
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf and is refused below
         state = value.astype(np.float32)
     if state.shape != (8,) or not np.all(np.isfinite(state)):
