@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
+from policy import wire
 from policy.base import batch_size
 
 # websockets 17 warns when connect() is used outside a `with`; legacy=True keeps the plain call quiet
@@ -72,7 +73,7 @@ class _Connection:
         message = self.ws.recv(timeout=_left(deadline))
         if isinstance(message, str):  # openpi's protocol: a text reply is the server's error message
             raise RuntimeError(f"Error in inference server:\n{message}")
-        return msgpack_numpy.unpackb(message)
+        return wire.unpackb(message)  # our checked decoder: a hostile server cannot crash the client either
 
     def infer(self, obs: dict[str, Any], deadline: float) -> dict[str, Any]:
         try:

@@ -15,7 +15,7 @@ load the next batch fills while the current one runs.
 
 Decoding and image preprocessing run in a small thread pool (`decode_workers`), off the event loop,
 so a client sending large images does not hold up the others' receiving and batching. Messages are
-decoded by runners/wire.py, which accepts only numeric arrays of consistent size (openpi's own decoder
+decoded by policy/wire.py, which accepts only numeric arrays of consistent size (openpi's own decoder
 trusts the client's dtype: an object dtype crashes the process).
 
 Robustness: a malformed or wrong-shaped message gets an error reply (a text message) and that
@@ -53,7 +53,7 @@ from websockets.frames import CloseCode
 
 from openpi_client.image_tools import resize_with_pad
 from policy.base import check_actions
-from runners import wire
+from policy import wire
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class BadRequest(ValueError):
 
 
 def _image(value: Any, key: str, size: int) -> np.ndarray:
-    if not isinstance(value, np.ndarray):  # runners/wire.py made every array; anything else is not an image
+    if not isinstance(value, np.ndarray):  # policy/wire.py made every array; anything else is not an image
         raise BadRequest(f"{key} must be an image array (H, W, 3), got {type(value).__name__}")
     img = value
     if img.ndim != 3:
@@ -103,7 +103,7 @@ def _state(value: Any) -> np.ndarray:
 
 
 def parse_observation(obs: Any, image_size: int = 224) -> dict[str, Any]:
-    """openpi's LIBERO observation dict (as runners/wire.py decodes it) -> one row of our batch format
+    """openpi's LIBERO observation dict (as policy/wire.py decodes it) -> one row of our batch format
     (see policy/base.py). Raises BadRequest naming what is wrong."""
     if not isinstance(obs, dict):
         raise BadRequest(f"expected an observation dict, got {type(obs).__name__}")

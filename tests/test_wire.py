@@ -1,4 +1,4 @@
-"""runners/wire.py: openpi-client's messages decode as openpi's decoder decodes them; hostile ones
+"""policy/wire.py: openpi-client's messages decode as openpi's decoder decodes them; hostile ones
 are refused with a WireError that names the problem (and never reach numpy's unchecked paths)."""
 
 import msgpack
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from openpi_client import msgpack_numpy
 
-from runners import wire
+from policy import wire
 
 
 def _arr(dtype, shape, data):
