@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -36,11 +37,21 @@ def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     return np.asarray(quat_xyzw[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
 
 
+CAMERAS = ("agentview", "robot0_eye_in_hand")  # LIBERO's agent view and wrist camera, as openpi uses them
+
+
 class LiberoEnv(gym.Env):
     """One LIBERO task. `reset(options={"init_state_id": k})` starts from the task's k-th fixed initial state.
 
     `options` may also carry `task_id` to switch this environment to another task of its suite (the
     simulator is rebuilt), which lets a pool of worker processes run every task of a suite.
+
+    Rendering on demand: `set_rendering(False)` makes the following steps skip the cameras (their
+    images are black and `info["rendered"]` is False) until `set_rendering(True)`; a runner that looks
+    at one observation in five renders one step in five. Physics never depend on it, and a rendered
+    step's pixels are exactly those of an env that renders every step: robosuite samples a camera
+    at a fixed sub-step of each control step, and only the render call itself is skipped, not that
+    sampling schedule.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -74,6 +85,9 @@ class LiberoEnv(gym.Env):
         # cameras=False skips rendering (10x faster on a CPU) for policies that read the privileged
         # state instead of images; the images are then black. Physics and success are unchanged.
         self.cameras = bool(cameras)
+        self._render = self.cameras  # render the cameras on the next steps (set_rendering)
+        self.render_seconds = 0.0  # time spent rendering and preparing images, for profiling runners
+        self._rendered = self.cameras  # whether the last observation's images were rendered
 
         img = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(
@@ -111,9 +125,37 @@ class LiberoEnv(gym.Env):
             # robosuite refuses to step past its horizon; keep it beyond anything we run.
             horizon=self.settle_steps + self.max_steps + 10,
         )
+        self._gate_cameras()
         self.task_id = task_id
         self.task = task.language  # what openpi sends as the prompt (not env.language_instruction)
         self._init_states = np.asarray(self._benchmark.get_task_init_states(task_id))
+
+    def _gate_cameras(self) -> None:
+        """Put a switch in front of robosuite's camera sensors (again after every hard reset, which
+        makes new ones): when rendering is off they return a cached black frame without rendering."""
+        if not self.cameras:
+            return
+        observables = self._sim.env._observables
+        for cam in CAMERAS:
+            obs = observables[f"{cam}_image"]
+            inner = getattr(obs._sensor, "__wrapped__", obs._sensor)
+            black = np.zeros((self.camera_size, self.camera_size, 3), dtype=np.uint8)
+
+            def gated(obs_cache, inner=inner, black=black):
+                if not self._render:
+                    return black
+                t0 = time.perf_counter()
+                frame = inner(obs_cache)
+                self.render_seconds += time.perf_counter() - t0
+                return frame
+
+            gated.__wrapped__ = inner
+            gated.__modality__ = getattr(inner, "__modality__", "image")
+            obs._sensor = gated
+
+    def set_rendering(self, on: bool) -> None:
+        """Render the cameras on the steps that follow (default), or skip them; see the class docstring."""
+        self._render = bool(on) and self.cameras
 
     @property
     def num_init_states(self) -> int:
@@ -138,9 +180,16 @@ class LiberoEnv(gym.Env):
         # reset makes an episode depend only on (task, init state, seed), not on what ran before.
         self._sim.seed(self.default_seed if seed is None else int(seed))
         self._sim.reset()
+        self._gate_cameras()  # a hard reset made new camera sensors
+        render = self._render
+        # Only the observation reset returns is looked at: render for it alone.
+        self._render = render and self.settle_steps == 0
         self._raw = self._sim.set_init_state(self._init_states[k])
-        for _ in range(self.settle_steps):
+        for i in range(self.settle_steps):
+            self._render = render and i == self.settle_steps - 1
             self._raw, _, _, _ = self._sim.step(SETTLE_ACTION.tolist())
+        self._render = render
+        self._rendered = render
         self._step = 0
         return self._observation(), self._info(success=False)
 
@@ -154,6 +203,7 @@ class LiberoEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         # Passed through without clipping, as openpi does; robosuite clips to its controller limits.
         self._raw, _, done, _ = self._sim.step(action.tolist())
+        self._rendered = self._render
         self._step += 1
         success = bool(done)
         truncated = not success and self._step >= self.max_steps
@@ -162,7 +212,7 @@ class LiberoEnv(gym.Env):
     def render(self):
         if self._raw is None:
             raise RuntimeError("call reset() before render()")
-        if not self.cameras:
+        if not self._rendered:
             return np.zeros((self.camera_size, self.camera_size, 3), dtype=np.uint8)
         return upright(self._raw["agentview_image"])
 
@@ -181,14 +231,17 @@ class LiberoEnv(gym.Env):
         state = np.concatenate(
             [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         )
-        if not self.cameras:
+        if not self._rendered:
             black = np.zeros((size, size, 3), dtype=np.uint8)
             return {"image": black, "wrist_image": black.copy(), "state": state.astype(np.float32)}
-        return {
+        t0 = time.perf_counter()
+        obs = {
             "image": resize_with_pad(upright(raw["agentview_image"]), size, size),
             "wrist_image": resize_with_pad(upright(raw["robot0_eye_in_hand_image"]), size, size),
             "state": state.astype(np.float32),
         }
+        self.render_seconds += time.perf_counter() - t0
+        return obs
 
     def _info(self, success: bool) -> dict[str, Any]:
         return {
@@ -198,6 +251,7 @@ class LiberoEnv(gym.Env):
             "task_id": self.task_id,
             "init_state_id": self.init_state_id,
             "step": self._step,
+            "rendered": self._rendered,
         }
 
     # ----- privileged interface (for scripted controllers and tests) -------------------------------

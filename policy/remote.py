@@ -36,6 +36,19 @@ from policy.base import batch_size
 _CONNECT_KW = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 
 
+def _plain(x: Any) -> Any:
+    """Metadata as JSON-able values (numpy arrays and scalars become lists and numbers)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
 def to_openpi_observation(batch: dict[str, Any], i: int) -> dict[str, Any]:
     """Row i of our batch as openpi's LIBERO observation dict (examples/libero/main.py)."""
     return {
@@ -125,8 +138,13 @@ class RemotePolicy:
             raise ConnectionError(f"no policy server at {self.uri} ({type(exc).__name__}: {exc}); start one "
                                   f"with `python -m runners.serve ...` or point host=/port= at yours") from None
         self._clients.append(first)
-        self.metadata = first.metadata
-        self.chunk_size = self.metadata.get("chunk_size") if isinstance(self.metadata, dict) else None
+        self.metadata = first.metadata if isinstance(first.metadata, dict) else {}
+        self.chunk_size = self.metadata.get("chunk_size")
+        # What the server says it runs (our runners.serve sends `identity`: checkpoint, steps, backend);
+        # a server that says nothing is identified by its whole metadata.
+        self.identity = self.metadata.get("identity") or {"server_metadata": _plain(self.metadata)}
+        self.num_steps = self.identity.get("num_steps", self.metadata.get("steps"))
+        self.backend = self.identity.get("backend", self.metadata.get("backend"))
 
     def _connect(self, deadline: float) -> _Connection:
         return _Connection(self.uri, self.api_key, deadline)

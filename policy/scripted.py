@@ -117,6 +117,7 @@ class ScriptedPolicy:
     in units of the 5 cm step limit); `speed`: the largest translation action used."""
 
     needs_privileged = True
+    needs_images = False  # it reads the privileged state: cameras are rendered only for videos
 
     def __init__(self, chunk_size: int = 10, gain: float = 1.5, damping: float = 4.0, speed: float = 1.0,
                  rim_margin: float = 0.012):

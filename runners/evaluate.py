@@ -14,38 +14,47 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from envs.suites import INIT_STATES_PER_TASK, check_task_id, get_suite
 from runners import CONF_DIR
-from runners.build import build_policy
+from runners.build import build_policy, explicit_overrides, is_remote, policy_identity
 from runners.chunking import check_chunking
 from runners.loop import EvaluationLoop, LoopSettings
 from runners.pool import EnvPool, Episode
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
-from runners.rundir import SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, summarize, write_json
+from runners.rundir import (CONFIG_FILE, PROVENANCE_FILE, SUMMARY_FILE, SUMMARY_MD, ResultsLog, append_line,
+                            policy_label, summarize, write_json)
 from runners.tables import markdown_table, text_table
 from videos.recorder import VideoRecorder
 
 # Settings that choose which episodes run, or how fast, but not what an episode's result is:
 # they stay out of the config hash so a run can be resumed or extended with other values.
+# (conf/sweep.yaml's exclude_keys keeps most of them out of job directory names too.)
 NOT_HASHED = ("out", "tasks", "episodes", "init_states", "num_envs", "vectorization", "videos", "video_fps",
-              "retry_errors", "device", "host", "port")
+              "video_stride", "retry_errors", "device", "host", "port")
+# A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
+REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
+    """Hash of everything that decides an episode's result: the config (minus NOT_HASHED) and the
+    policy's identity (runners/build.py policy_identity: a checkpoint's content, a server's model)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
         data.pop(key, None)
     if isinstance(data.get("policy"), dict):
-        data["policy"] = {k: v for k, v in data["policy"].items() if k not in ("device", "host", "port")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        data["policy"] = {k: v for k, v in data["policy"].items() if k not in REMOTE_NOT_HASHED}
+    if identity is not None:
+        data["policy_identity"] = identity
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def plan_episodes(cfg: DictConfig) -> list[Episode]:
@@ -89,6 +98,39 @@ def policy_name(cfg: DictConfig) -> str:
     return policy_label({"config": {"policy": OmegaConf.to_container(cfg.policy, resolve=True)}})
 
 
+def parse_latency(value) -> float | None:
+    """`latency_ms`: a number of milliseconds, or `measured` (None: each call's real latency)."""
+    if isinstance(value, str) and value.strip().lower() == "measured":
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"latency_ms must be a number of milliseconds or 'measured', got {value!r}") from None
+    if not ms >= 0 or ms == float("inf"):
+        raise ValueError(f"latency_ms must be >= 0 and finite, got {value!r}")
+    return ms
+
+
+def loop_settings(cfg: DictConfig) -> LoopSettings:
+    max_steps = cfg.env.get("max_steps") or get_suite(cfg.suite).max_steps
+    return LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
+                        execution=str(cfg.execution), latency_ms=parse_latency(cfg.latency_ms),
+                        max_steps=int(max_steps), view=int(cfg.env.image_size), video_stride=int(cfg.video_stride))
+
+
+def _remote_settings(cfg: DictConfig, policy) -> None:
+    """A remote policy runs the server's steps and backend: record those, and refuse a run that asks
+    for others on the command line (its results would be labelled with settings it never ran)."""
+    asked = explicit_overrides()
+    for key, served in (("steps", getattr(policy, "num_steps", None)), ("backend", getattr(policy, "backend", None))):
+        if key in asked and served is not None and str(cfg[key]) != str(served):
+            raise ValueError(f"{key}={cfg[key]} was asked for, but the server at {policy.uri} runs {key}={served} "
+                             f"(a remote policy runs the server's settings): drop the override, or start the "
+                             f"server with {key}={cfg[key]}")
+        with open_dict(cfg):
+            cfg[key] = served  # None when the server does not say
+
+
 def _terminate_gracefully(*_):
     # SIGTERM (Slurm preemption, kill) unwinds like Ctrl-C, so workers and video files are closed.
     raise SystemExit(143)
@@ -101,37 +143,63 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     replaces the worker environment factory (see runners.pool.make_worker_env).
     """
     out = Path(out_dir) if out_dir is not None else _output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     episodes = plan_episodes(cfg)
+    settings = loop_settings(cfg)  # a bad execution, latency or chunking setting fails here
+    check_chunking(settings.replan, settings.chunking, None)
     if not cfg.env.get("cameras", True) and cfg.videos != "none":
         print("warning: env.cameras=false renders nothing, so the videos will be black; set videos=none",
               file=sys.stderr)
-    chash = config_hash(cfg)
-    results = ResultsLog(out, chash)
+    if policy is None and is_remote(cfg):
+        policy = build_policy(cfg)  # the server says what it runs; that is part of the config hash
+    if policy is not None and is_remote(cfg):
+        _remote_settings(cfg, policy)
+    identity = policy_identity(cfg, policy)
+    chash = config_hash(cfg, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    results = ResultsLog(out, chash)  # refuses results of another configuration before anything is written
     done = results.done(retry_errors=bool(cfg.retry_errors))
     todo = [e for e in episodes if e.key not in done]
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, out / CONFIG_FILE, resolve=True)
+    start = {"config_hash": chash, "policy_identity": identity, "episodes_planned": len(episodes),
+             "episodes_to_run": len(todo), **provenance()}
+    append_line(out / PROVENANCE_FILE, start)  # one line per (re)start: a resume never rewrites history
     if len(todo) < len(episodes):
         print(f"Resuming in {out}: {len(episodes) - len(todo)} of {len(episodes)} episodes already done.")
 
+    startup: dict[str, Any] = {}
     if todo:
+        t0 = time.perf_counter()
         if policy is None:
             policy = build_policy(cfg)  # before any simulator: a missing checkpoint fails in seconds
-        check_chunking(int(cfg.replan), cfg.chunking, getattr(policy, "chunk_size", None))
+        startup["policy_build_s"] = round(time.perf_counter() - t0, 2)
+        check_chunking(settings.replan, settings.chunking, getattr(policy, "chunk_size", None),
+                       delay_steps=settings.fixed_delay or 0)
+        if settings.execution == "rtc" and not getattr(policy, "supports_rtc", False):
+            raise ValueError(f"execution=rtc needs a policy that continues a previous chunk (Pi0.5); "
+                             f"{policy_name(cfg)} does not: use execution=async")
         previous = signal.signal(signal.SIGTERM, _terminate_gracefully) if _main_thread() else None
         env_kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True), suite=cfg.suite, task_id=todo[0].task_id)
-        max_steps = env_kwargs["max_steps"] or get_suite(cfg.suite).max_steps
         recorder = VideoRecorder(out / "videos", videos=cfg.videos, fps=int(cfg.video_fps), tag=chash[:8])
         progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
-        pool = EnvPool(min(int(cfg.num_envs), len(todo)), env_kwargs, cfg.vectorization,
-                       **({"make_env": make_env} if make_env is not None else {}))
-        settings = LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
-                                max_steps=max_steps, view=int(cfg.env.image_size))
+        stamp = {"git_commit": start.get("git_commit") or start.get("package_version"),
+                 "checkpoint_sha256": (identity or {}).get("checkpoint_sha256")}
+        pool = None
         try:
+            t0 = time.perf_counter()
+            pool = EnvPool(min(int(cfg.num_envs), len(todo)), env_kwargs, cfg.vectorization, wait=False,
+                           **({"make_env": make_env} if make_env is not None else {}))
+            if hasattr(policy, "prepare"):  # compiles while the simulator workers start
+                startup["policy_prepare_s"] = {str(b): round(t, 2)
+                                               for b, t in policy.prepare(pool.num_envs).items()}
+            pool.wait_ready()
+            startup["pool_start_s"] = round(time.perf_counter() - t0, 2)
             policy.reset()
-            EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update).run(todo)
+            loop = EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update, stamp=stamp)
+            loop.run(todo)
+            startup["phases"] = loop.phases.as_dict()
         finally:
-            pool.close()
+            if pool is not None:
+                pool.close()
             progress.close()
             for err in recorder.close():
                 print(f"warning: a video could not be written: {err}", file=sys.stderr)
@@ -142,8 +210,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     write_json(out / SUMMARY_FILE, {
         "config_hash": chash,
         "policy_name": policy_name(cfg),
+        "policy_identity": identity,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(),
+        "startup": startup,
         **summary,
     })
     (out / SUMMARY_MD).write_text(markdown_table(summary), encoding="utf-8")

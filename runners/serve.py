@@ -28,7 +28,9 @@ def main(cfg: DictConfig) -> None:
     policy = build_policy(cfg)  # fails before the port opens if the checkpoint is missing
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     policy_cfg.pop("api_key", None)  # policy=remote behind this server: its upstream key is no client's business
-    meta = {"policy": policy_cfg, "steps": cfg.steps, "backend": cfg.backend}
+    meta = {"policy": policy_cfg, "steps": cfg.steps, "backend": cfg.backend,
+            # what clients hash to tell servers apart (runners/build.py policy_identity)
+            "identity": getattr(policy, "identity", None)}
     server = PolicyServer(policy, cfg.host, cfg.port, cfg.max_batch, cfg.batch_window_ms, metadata=meta,
                           max_message_mb=cfg.max_message_mb,
                           api_key=None if cfg.api_key is None else str(cfg.api_key))  # api_key=1234 is an int to Hydra

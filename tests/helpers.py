@@ -9,7 +9,6 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from envs.libero import LiberoEnv
-from runners.pool import EpisodeWorker
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -37,7 +36,7 @@ class ActionLog(gym.Wrapper):
 
 
 def make_logged_env(env_kwargs):
-    return EpisodeWorker(ActionLog(LiberoEnv(**env_kwargs)))
+    return ActionLog(LiberoEnv(**env_kwargs))
 
 
 class FailingStep(gym.Wrapper):
@@ -55,7 +54,7 @@ class FailingStep(gym.Wrapper):
 
 
 def make_failing_env(env_kwargs):
-    return EpisodeWorker(FailingStep(LiberoEnv(**env_kwargs)))
+    return FailingStep(LiberoEnv(**env_kwargs))
 
 
 class ChunkPolicy:

@@ -162,14 +162,14 @@ def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer):
     assert summary["total"]["episodes"] == 1
 
 
-def test_missing_checkpoint_fails_before_any_environment(tmp_path, monkeypatch, spm_tokenizer):
+def test_missing_checkpoint_fails_before_any_environment(tmp_path, monkeypatch, spm_tokenizer, tiny_checkpoint):
     import runners.evaluate as ev
 
     monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
     monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="openpi-assets/checkpoints/pi05_libero"):
         evaluate(config("policy=pi05", f"policy.tokenizer={spm_tokenizer}", *FAST), tmp_path)
-    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):
-        evaluate(config("policy=pi05", "policy.checkpoint=random", *FAST), tmp_path)
+    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):  # real weights never get a stand-in
+        evaluate(config("policy=pi05", f"policy.checkpoint={tiny_checkpoint}", "policy.config=tiny", *FAST), tmp_path)
     with pytest.raises(ValueError, match="eager, compile, fp8, tensorrt"):
         evaluate(config("policy=pi05", "backend=nope", *FAST), tmp_path)
