@@ -22,6 +22,7 @@ from gymnasium import spaces
 from openpi_client.image_tools import resize_with_pad  # openpi's own resize (what Pi0.5 trained on)
 
 from envs.images import upright
+from envs.quiet import quiet_libero_stdout, quiet_robosuite
 from envs.rendering import select_gl_backend
 from envs.suites import check_task_id, get_suite
 
@@ -96,9 +97,11 @@ class LiberoEnv(gym.Env):
         self.action_space = spaces.Box(-1.0, 1.0, (7,), np.float32)
 
         select_gl_backend()
+        quiet_robosuite()
         from libero.libero import benchmark
 
-        self._benchmark = benchmark.get_benchmark_dict()[self.suite]()
+        with quiet_libero_stdout():
+            self._benchmark = benchmark.get_benchmark_dict()[self.suite]()
         self._sim = None  # LIBERO's OffScreenRenderEnv, built for self.task_id
         self.task_id = -1
         self._load_task(int(task_id))

@@ -7,6 +7,7 @@ checkpoint, tokenizer, norm stats) is checked before the weights are read.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -100,8 +101,23 @@ class Pi05Policy:
         self.reset()
 
     def reset(self) -> None:
-        # Seeded noise: the same observation gives the same chunk in every run (openpi draws fresh noise).
+        # Seeded noise (openpi draws fresh noise): batches without episode ids draw from this generator.
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def _noise(self, batch: dict[str, Any], b: int) -> torch.Tensor:
+        """(b, chunk, action_dim) initial noise. When the runner names each row's episode and step, a
+        row's noise depends on (seed, episode, step) alone, not on which other rows share its batch or
+        in what order, so an episode is reproducible however the pool's timing groups the calls, and
+        every configuration of a sweep starts each episode's flow from the same noise."""
+        shape = (self.chunk_size, self.config.action_dim)
+        if "episode" in batch and "step" in batch:
+            rows = []
+            for episode, step in zip(batch["episode"], batch["step"]):
+                key = hashlib.sha256(repr((self.seed, tuple(episode), int(step))).encode()).digest()
+                g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+                rows.append(torch.randn(shape, generator=g))
+            return torch.stack(rows).to(self.device)
+        return torch.randn(b, *shape, generator=self._generator, device=self.device)
 
     def padded_size(self, b: int) -> int:
         """The batch size a call of `b` rows runs at (the next bucket for static-shape backends)."""
@@ -142,7 +158,7 @@ class Pi05Policy:
         images, masks = to_model_images(batch, self.config.image_size)
         tokens, token_masks = self._prompts(batch)
         # Noise for the real rows only, drawn exactly as an unpadded call would (padding rows get zeros).
-        noise = torch.randn(b, self.chunk_size, self.config.action_dim, generator=self._generator, device=self.device)
+        noise = self._noise(batch, b)
         padded = self.padded_size(b)
         if padded > b:
             images, masks, tokens, token_masks = (_pad_rows(x, padded) for x in (images, masks, tokens, token_masks))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from runners import CONF_DIR
 from runners.build import build_policy, explicit_overrides, is_remote, policy_identity
 from runners.chunking import check_chunking
 from runners.loop import EvaluationLoop, LoopSettings
-from runners.pool import EnvPool, Episode
+from runners.pool import EnvPool, Episode, render_environ
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
@@ -39,7 +40,8 @@ from videos.recorder import VideoRecorder
 # they stay out of the config hash so a run can be resumed or extended with other values.
 # (conf/sweep.yaml's exclude_keys keeps most of them out of job directory names too.)
 NOT_HASHED = ("out", "tasks", "episodes", "init_states", "num_envs", "vectorization", "videos", "video_fps",
-              "video_stride", "retry_errors", "device", "host", "port")
+              "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
+              "serial_episodes")
 # A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
 REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
 
@@ -115,7 +117,8 @@ def loop_settings(cfg: DictConfig) -> LoopSettings:
     max_steps = cfg.env.get("max_steps") or get_suite(cfg.suite).max_steps
     return LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
                         execution=str(cfg.execution), latency_ms=parse_latency(cfg.latency_ms),
-                        max_steps=int(max_steps), view=int(cfg.env.image_size), video_stride=int(cfg.video_stride))
+                        max_steps=int(max_steps), view=int(cfg.env.image_size), video_stride=int(cfg.video_stride),
+                        render=str(cfg.get("render", "on_demand")))
 
 
 def _remote_settings(cfg: DictConfig, policy) -> None:
@@ -131,13 +134,28 @@ def _remote_settings(cfg: DictConfig, policy) -> None:
             cfg[key] = served  # None when the server does not say
 
 
+def resolve_num_envs(value) -> int:
+    """`num_envs`: a number, or `auto`: one simulator process per CPU core but one (kept for the policy
+    and the loop), at least 1. Measured on a 16-core H200 box (docs/benchmarks/, README's GPU section)."""
+    if str(value).strip().lower() == "auto":
+        return max(1, (os.cpu_count() or 2) - 1)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_envs must be a positive number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"num_envs must be >= 1, got {n}")
+    return n
+
+
 def _terminate_gracefully(*_):
     # SIGTERM (Slurm preemption, kill) unwinds like Ctrl-C, so workers and video files are closed.
     raise SystemExit(143)
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, make_env=None) -> dict[str, Any]:
-    """Run the evaluation `cfg` describes into `out_dir` (default: Hydra's run directory).
+    """Run the evaluation `cfg` describes into `out_dir` (default: Hydra's run directory); returns
+    what it writes to summary.json.
 
     `policy` replaces the one `cfg.policy` would build (for policies made in code); `make_env`
     replaces the worker environment factory (see runners.pool.make_worker_env).
@@ -146,6 +164,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     episodes = plan_episodes(cfg)
     settings = loop_settings(cfg)  # a bad execution, latency or chunking setting fails here
     check_chunking(settings.replan, settings.chunking, None)
+    resolve_num_envs(cfg.num_envs)
+    render_environ(cfg.render_device)
     if not cfg.env.get("cameras", True) and cfg.videos != "none":
         print("warning: env.cameras=false renders nothing, so the videos will be black; set videos=none",
               file=sys.stderr)
@@ -180,42 +200,53 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         previous = signal.signal(signal.SIGTERM, _terminate_gracefully) if _main_thread() else None
         env_kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True), suite=cfg.suite, task_id=todo[0].task_id)
         recorder = VideoRecorder(out / "videos", videos=cfg.videos, fps=int(cfg.video_fps), tag=chash[:8])
-        progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
+        progress = None
         stamp = {"git_commit": start.get("git_commit") or start.get("package_version"),
                  "checkpoint_sha256": (identity or {}).get("checkpoint_sha256")}
         pool = None
         try:
             t0 = time.perf_counter()
-            pool = EnvPool(min(int(cfg.num_envs), len(todo)), env_kwargs, cfg.vectorization, wait=False,
+            num_envs = min(resolve_num_envs(cfg.num_envs), len(todo))
+            print(f"Starting {num_envs} simulator worker(s) for {len(todo)} episode(s) of {cfg.suite}...", file=sys.stderr)
+            environ = render_environ(cfg.render_device, getattr(policy, "device", None))
+            pool = EnvPool(num_envs, env_kwargs, cfg.vectorization, wait=False, environ=environ,
                            **({"make_env": make_env} if make_env is not None else {}))
             if hasattr(policy, "prepare"):  # compiles while the simulator workers start
-                startup["policy_prepare_s"] = {str(b): round(t, 2)
-                                               for b, t in policy.prepare(pool.num_envs).items()}
+                prepared = policy.prepare(pool.num_envs)
+                if prepared:
+                    print(f"Policy ready for batch sizes {sorted(prepared)} in {sum(prepared.values()):.1f} s "
+                          "(compilation and graph capture, not counted as latency)", file=sys.stderr)
+                startup["policy_prepare_s"] = {str(b): round(t, 2) for b, t in prepared.items()}
             pool.wait_ready()
             startup["pool_start_s"] = round(time.perf_counter() - t0, 2)
+            progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
             policy.reset()
             loop = EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update, stamp=stamp)
+            t0 = time.perf_counter()
             loop.run(todo)
+            startup["loop_s"] = round(time.perf_counter() - t0, 2)
+            startup["num_envs"] = pool.num_envs
             startup["phases"] = loop.phases.as_dict()
         finally:
             if pool is not None:
                 pool.close()
-            progress.close()
+            if progress is not None:
+                progress.close()
             for err in recorder.close():
                 print(f"warning: a video could not be written: {err}", file=sys.stderr)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
-    summary = summarize([results.records[e.key] for e in episodes if e.key in results.records])
-    write_json(out / SUMMARY_FILE, {
+    summary = {
         "config_hash": chash,
         "policy_name": policy_name(cfg),
         "policy_identity": identity,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(),
-        "startup": startup,
-        **summary,
-    })
+        "run": startup,  # this invocation's start-up parts, loop time and phases (runners/bench_eval.py)
+        **summarize([results.records[e.key] for e in episodes if e.key in results.records]),
+    }
+    write_json(out / SUMMARY_FILE, summary)
     (out / SUMMARY_MD).write_text(markdown_table(summary), encoding="utf-8")
     print(text_table(summary))
     page = write_review(out)

@@ -38,6 +38,7 @@ from videos.recorder import EpisodeVideo, VideoRecorder
 
 MAX_CONSECUTIVE_POLICY_FAILURES = 3
 EXECUTIONS = ("sync", "async", "rtc")
+RENDER_MODES = ("on_demand", "every_step")
 
 
 class PolicyFailure(RuntimeError):
@@ -54,6 +55,7 @@ class LoopSettings:
     max_steps: int = 220  # of the suite (for the video's length)
     view: int = 224  # policy-facing image size (for the video's layout)
     video_stride: int = 1  # record every n-th step's frame
+    render: str = "on_demand"  # on_demand | every_step (as an env that knows nothing of its consumers)
 
     def __post_init__(self):
         if self.execution not in EXECUTIONS:
@@ -61,6 +63,8 @@ class LoopSettings:
         if self.execution == "sync" and self.latency_ms not in (None, 0, 0.0):
             raise ValueError(f"execution=sync freezes the simulator while the policy thinks, so latency_ms="
                              f"{self.latency_ms} has no effect; use execution=async or rtc")
+        if self.render not in RENDER_MODES:
+            raise ValueError(f"unknown render {self.render!r}; choose one of {', '.join(RENDER_MODES)}")
         if self.video_stride < 1:
             raise ValueError(f"video_stride must be >= 1, got {self.video_stride}")
 
@@ -140,7 +144,8 @@ class EvaluationLoop:
         del todo[pick]
         self.starting[slot] = ep
         self._loaded_task[slot] = ep.task_id
-        self.pool.send_start(slot, ep, render=self.needs_images or self._recording(), privileged=self.needs_privileged)
+        render = self.needs_images or self._recording() or self.s.render == "every_step"
+        self.pool.send_start(slot, ep, render=render, privileged=self.needs_privileged)
 
     def _started(self, r: Reply) -> None:
         ep = self.starting.pop(r.slot)
@@ -304,7 +309,8 @@ class EvaluationLoop:
         action, _ = slot.executor.next_action()
         t = slot.executor.t  # the step the reply's observation belongs to
         request_next = t >= slot.executor.next_request
-        render = (request_next and self.needs_images) or (slot.video is not None and t % self.s.video_stride == 0)
+        render = ((request_next and self.needs_images) or (slot.video is not None and t % self.s.video_stride == 0)
+                  or self.s.render == "every_step")
         self.pool.send_step(i, action, render=render, privileged=request_next and self.needs_privileged)
 
     def _run(self, episodes: list[Episode]) -> None:

@@ -112,8 +112,9 @@ class SlotEnv:
         self.env.close()
 
 
-def _worker(conn, make_env, env_kwargs, slot: int) -> None:
+def _worker(conn, make_env, env_kwargs, slot: int, environ: dict[str, str]) -> None:
     """A worker process: builds its env, then answers commands until told to close."""
+    os.environ.update(environ)  # before robosuite is imported: it reads MUJOCO_GL/MUJOCO_EGL_DEVICE_ID once
     try:
         env = SlotEnv(make_env, env_kwargs)
     except Exception as exc:
@@ -143,9 +144,11 @@ class EnvPool:
     `collect` returns the replies that are in (waiting for the slots named, if any)."""
 
     def __init__(self, num_envs: int, env_kwargs: dict[str, Any], vectorization: str = "async",
-                 make_env: Callable = make_worker_env, start_timeout_s: float = 600.0, wait: bool = True):
+                 make_env: Callable = make_worker_env, start_timeout_s: float = 600.0, wait: bool = True,
+                 environ: dict[str, str] | None = None):
         """Starts the workers; with `wait=False` returns at once (the caller does other start-up work,
-        e.g. compiling the policy) and `wait_ready()` must be called before the first command."""
+        e.g. compiling the policy) and `wait_ready()` must be called before the first command.
+        `environ`: variables set in each worker before it imports the simulator (render_environ)."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if vectorization not in VECTORIZATIONS:
@@ -158,6 +161,7 @@ class EnvPool:
         self._conns, self._procs = [], []
         self._ready = False
         self._timeout_s = start_timeout_s
+        self._environ = dict(environ or {})
         if self.sync:
             self._inline = [SlotEnv(make_env, env_kwargs) for _ in range(num_envs)]
             self._ready = True
@@ -170,7 +174,7 @@ class EnvPool:
         ctx = mp.get_context("spawn")
         for i in range(self.num_envs):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, make_env, dict(env_kwargs), i), daemon=True,
+            proc = ctx.Process(target=_worker, args=(child, make_env, dict(env_kwargs), i, self._environ), daemon=True,
                                name=f"libero-slot-{i}")
             proc.start()
             child.close()
@@ -264,6 +268,24 @@ class EnvPool:
             env.close()
         self._inline = []
         self.busy.clear()
+
+
+def render_environ(render_device, policy_device=None) -> dict[str, str]:
+    """Worker environment variables for `render_device`: `auto` renders through EGL on the policy's GPU
+    (cuda:k -> EGL device k; a multi-GPU sweep's jobs each render on their own GPU), else on the
+    default device; an integer picks that EGL device; `cpu` renders with OSMesa on the CPU (slow; the
+    way out if a driver misbehaves with CUDA and EGL on one GPU)."""
+    choice = str(render_device).strip().lower()
+    if choice == "cpu":
+        return {"MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    if choice == "auto":
+        dev = str(policy_device or "")
+        if dev.startswith("cuda:") and dev[5:].isdigit() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return {"MUJOCO_EGL_DEVICE_ID": dev[5:]}
+        return {}
+    if choice.isdigit():
+        return {"MUJOCO_EGL_DEVICE_ID": choice}
+    raise ValueError(f"render_device must be auto, cpu or an EGL device number, got {render_device!r}")
 
 
 def env_factory(make_env: Callable, **kwargs) -> Callable:
