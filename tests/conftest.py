@@ -46,3 +46,15 @@ def tiny_checkpoint(golden_dir, tmp_path_factory) -> Path:
     shutil.copy(golden_dir / "tiny_openpi_model.safetensors", d / "model.safetensors")
     shutil.copytree(golden_dir / "tiny_openpi_jax" / "assets", d / "assets")
     return d
+
+
+@pytest.fixture(scope="session")
+def golden_inputs(golden_dir):
+    """The golden case's model inputs: (images, image_masks, tokens, token_masks, noise)."""
+    from safetensors.torch import load_file
+
+    from policy.pi05.config import CAMERA_SLOTS
+
+    case = load_file(str(golden_dir / "tiny_case.safetensors"))
+    return ([case[f"input.image.{s}"] for s in CAMERA_SLOTS], [case[f"input.image_mask.{s}"] for s in CAMERA_SLOTS],
+            case["input.tokenized_prompt"], case["input.tokenized_prompt_mask"], case["input.noise"])

@@ -153,13 +153,18 @@ def test_killed_evaluation_resumes_without_redoing_finished_episodes(tmp_path):
     assert len(list((out / "videos").rglob("*.mp4"))) == 4
 
 
-def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer):
+@pytest.mark.parametrize("execution", ["sync", "rtc"])
+def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer, execution):
+    latency = "latency_ms=100" if execution == "rtc" else "latency_ms=0"
     cfg = config("policy=pi05", f"policy.checkpoint={tiny_checkpoint}", f"policy.tokenizer={spm_tokenizer}",
-                 "policy.config=tiny", "policy.dtype=float32", "steps=2", "tasks=[0]", "init_states=[0]", *FAST)
+                 "policy.config=tiny", "policy.dtype=float32", "steps=2", "tasks=[0]", "init_states=[0]",
+                 f"execution={execution}", latency, *FAST)
     summary = evaluate(cfg, tmp_path)
     (rec,) = lines(tmp_path)
     assert rec["error"] == "" and rec["env_steps"] == 12 and rec["policy_calls"] == 3
+    assert rec["execution"] == execution and rec["held_steps"] == (2 if execution == "rtc" else 0)
     assert summary["total"]["episodes"] == 1
+    assert summary["policy_identity"]["checkpoint_sha256"] == rec["checkpoint_sha256"]
 
 
 def test_missing_checkpoint_fails_before_any_environment(tmp_path, monkeypatch, spm_tokenizer, tiny_checkpoint):

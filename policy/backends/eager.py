@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from policy.backends.rtc import Guide, guided_velocity
 from policy.pi05.model import Pi05Model, PrefixCache, as_slots, euler_times
 
 
 class EagerSampler:
     name = "eager"
+    supports_rtc = True
 
     def __init__(self, model: Pi05Model, num_steps: int = 10):
         self.model = model
@@ -19,8 +21,18 @@ class EagerSampler:
     def encode(self, images, image_masks, tokens, token_masks) -> PrefixCache:
         return self.model.prefill(self.model.embed_prefix(images, image_masks, tokens, token_masks))
 
-    def denoise(self, cache: PrefixCache, noise: torch.Tensor) -> torch.Tensor:
-        return self.model.denoise(cache, noise, self.num_steps)
+    def denoise(self, cache: PrefixCache, noise: torch.Tensor, guide: Guide | None = None) -> torch.Tensor:
+        """Euler steps from noise to actions; with `guide`, real-time chunking (policy/backends/rtc.py)."""
+        if guide is None or not guide.active:
+            return self.model.denoise(cache, noise, self.num_steps)
+        times, dt = euler_times(self.num_steps)
+        x = noise.to(torch.float32)
+        for t in times:
+            tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+            v = guided_velocity(lambda z: self.model.denoise_step(cache, z, tt), x, t, guide.target, guide.weights,
+                                guide.beta)
+            x = x + dt * v
+        return x
 
     def stages(self, images, image_masks, tokens, token_masks, noise) -> dict:
         """Callables that each run one stage alone on prepared inputs (for the benchmark)."""
@@ -36,5 +48,5 @@ class EagerSampler:
             "denoise": lambda: self.denoise(cache, noise),
         }
 
-    def __call__(self, images, image_masks, tokens, token_masks, noise) -> torch.Tensor:
-        return self.denoise(self.encode(images, image_masks, tokens, token_masks), noise)
+    def __call__(self, images, image_masks, tokens, token_masks, noise, guide: Guide | None = None) -> torch.Tensor:
+        return self.denoise(self.encode(images, image_masks, tokens, token_masks), noise, guide)
