@@ -116,14 +116,18 @@ class Pi05Policy:
         in what order, so an episode is reproducible however the pool's timing groups the calls, and
         every configuration of a sweep starts each episode's flow from the same noise."""
         shape = (self.chunk_size, self.config.action_dim)
-        if "episode" in batch and "step" in batch:
-            rows = []
-            for episode, step in zip(batch["episode"], batch["step"]):
-                key = hashlib.sha256(repr((self.seed, tuple(episode), int(step))).encode()).digest()
-                g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-                rows.append(torch.randn(shape, generator=g))
-            return torch.stack(rows).to(self.device)
-        return torch.randn(b, *shape, generator=self._generator, device=self.device)
+        episodes, steps = batch.get("episode"), batch.get("step")
+        if episodes is None or steps is None:
+            return torch.randn(b, *shape, generator=self._generator, device=self.device)
+        rows = []
+        for episode, step in zip(episodes, steps):
+            if episode is None:  # a row without an id (a mixed server batch): the shared generator's
+                rows.append(torch.randn(shape, generator=self._generator, device=self.device).cpu())
+                continue
+            key = hashlib.sha256(repr((self.seed, tuple(episode), int(step))).encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+            rows.append(torch.randn(shape, generator=g))
+        return torch.stack(rows).to(self.device)
 
     def padded_size(self, b: int) -> int:
         """The batch size a call of `b` rows runs at (the next bucket for static-shape backends)."""

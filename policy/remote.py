@@ -49,14 +49,20 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def to_openpi_observation(batch: dict[str, Any], i: int) -> dict[str, Any]:
-    """Row i of our batch as openpi's LIBERO observation dict (examples/libero/main.py)."""
-    return {
+def to_openpi_observation(batch: dict[str, Any], i: int, episode_step: bool = False) -> dict[str, Any]:
+    """Row i of our batch as openpi's LIBERO observation dict (examples/libero/main.py); with
+    `episode_step` (servers that advertise it: runners/server.py EXTENSION) also the row's episode
+    and step, so a server seeding noise per episode answers as the in-process policy would."""
+    obs = {
         "observation/image": np.asarray(batch["image"][i]),
         "observation/wrist_image": np.asarray(batch["wrist_image"][i]),
         "observation/state": np.asarray(batch["state"][i]),
         "prompt": batch["prompt"][i],
     }
+    if episode_step and "episode" in batch and "step" in batch:
+        obs["harness/episode"] = [x if isinstance(x, str) else int(x) for x in batch["episode"][i]]
+        obs["harness/step"] = int(batch["step"][i])
+    return obs
 
 
 class ServerRefused(ConnectionError):
@@ -186,7 +192,9 @@ class RemotePolicy:
         n = batch_size(batch)
         deadline = time.monotonic() + self.timeout_s
         used: dict[int, _Connection] = {}
-        futures = [self._pool.submit(self._one, i, to_openpi_observation(batch, i), deadline, used) for i in range(n)]
+        ext = "episode_step" in (self.metadata.get("extensions") or ())
+        futures = [self._pool.submit(self._one, i, to_openpi_observation(batch, i, ext), deadline, used)
+                   for i in range(n)]
         # recv and connect honour the deadline themselves; a send to a server that stopped reading
         # does not, so past the deadline (and a second's grace) such rows are cut loose here.
         concurrent.futures.wait(futures, timeout=_left(deadline) + 1.0)

@@ -361,6 +361,8 @@ class ScriptedPolicy:
         actions = np.zeros((n, self.chunk_size, ACTION_DIM))
         errors: list[str | None] = [None] * n
         for i in range(n):
+            if int(steps[i]) == 0:  # an episode (or a retry of it) begins: forget any earlier attempt
+                self._memory.pop(episodes[i], None)
             if episodes[i] not in self._memory and len(self._memory) >= MAX_EPISODES_REMEMBERED:
                 del self._memory[next(iter(self._memory))]  # the oldest episode is long over
             mem = self._memory.setdefault(episodes[i], Memory())

@@ -123,7 +123,22 @@ def parse_observation(obs: Any, image_size: int = 224) -> dict[str, Any]:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise BadRequest(f"prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}")
     row["prompt"] = prompt
+    episode, step = obs.get(EPISODE_KEY), obs.get(STEP_KEY)
+    if episode is not None or step is not None:  # our extension (EXTENSION): optional, checked strictly
+        if not (isinstance(episode, (list, tuple)) and 0 < len(episode) <= 8
+                and all(isinstance(x, (str, int)) and not isinstance(x, bool) and len(str(x)) <= 64 for x in episode)):
+            raise BadRequest(f"{EPISODE_KEY} must be a list of at most 8 short strings or integers")
+        if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 10**9):
+            raise BadRequest(f"{STEP_KEY} must be an integer >= 0")
+        row["episode"], row["step"] = tuple(episode), step
     return row
+
+
+# Our extension of openpi's observation dict: the episode a row belongs to and its step, so a policy
+# that seeds its noise per episode (Pi05Policy) gives a remote client the same actions as in process.
+# Advertised in the metadata; openpi's servers neither send the flag nor see the keys.
+EXTENSION = "episode_step"
+EPISODE_KEY, STEP_KEY = "harness/episode", "harness/step"
 
 
 def decode_observation(message: bytes, image_size: int = 224) -> dict[str, Any]:
@@ -158,6 +173,7 @@ class PolicyServer:
             "chunk_size": getattr(policy, "chunk_size", None),
             "action_dim": 7,
             "max_batch": self.max_batch,
+            "extensions": [EXTENSION],
             **(metadata or {}),
         }
         # Recent policy calls' batch sizes, and why each batch stopped waiting (everyone-in, window,
@@ -277,6 +293,9 @@ class PolicyServer:
     def _infer(self, rows: list[dict[str, Any]]) -> tuple[Any, float]:
         batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "wrist_image", "state")}
         batch["prompt"] = [r["prompt"] for r in rows]
+        if any("episode" in r for r in rows):
+            batch["episode"] = [r.get("episode") for r in rows]  # None: a client that did not say
+            batch["step"] = [r.get("step", 0) for r in rows]
         t0 = time.perf_counter()
         out = self.policy.infer(batch)
         return out, 1000 * (time.perf_counter() - t0)

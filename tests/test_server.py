@@ -454,3 +454,18 @@ def test_a_client_that_left_while_queued_is_not_computed():
         time.sleep(0.3)  # the batcher has had its chance to pick "leaver"
         assert WebsocketClientPolicy("127.0.0.1", server.port).infer(observation(prompt="after"))["actions"].shape == (10, 7)
     assert "leaver" not in seen and seen == ["first", "after"]
+
+
+def test_the_episode_step_extension_is_optional_and_checked():
+    from runners.server import BadRequest, parse_observation
+
+    obs = {"observation/image": np.zeros((224, 224, 3), np.uint8), "observation/wrist_image": np.zeros((224, 224, 3), np.uint8),
+           "observation/state": np.zeros(8, np.float32), "prompt": "put the bowl on the plate"}
+    assert "episode" not in parse_observation(obs)  # openpi's clients never send it
+    row = parse_observation({**obs, "harness/episode": ["libero_spatial", 3, 7, 7], "harness/step": 15})
+    assert row["episode"] == ("libero_spatial", 3, 7, 7) and row["step"] == 15
+    for bad in ({"harness/episode": "x" * 10, "harness/step": 1}, {"harness/episode": [[1]], "harness/step": 1},
+                {"harness/episode": ["a"], "harness/step": -1}, {"harness/episode": ["a"], "harness/step": True},
+                {"harness/episode": list(range(9)), "harness/step": 0}, {"harness/step": 3}):
+        with pytest.raises(BadRequest, match="harness/"):
+            parse_observation({**obs, **bad})
