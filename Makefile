@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m runners.sweep --config-name demo
+	$(PY) -m runners.sweep +experiment=demo
 
 clean:
 	rm -rf $(VENV)

@@ -41,7 +41,7 @@ from videos.recorder import VideoRecorder
 # (conf/sweep.yaml's exclude_keys keeps most of them out of job directory names too.)
 NOT_HASHED = ("out", "tasks", "episodes", "init_states", "num_envs", "vectorization", "videos", "video_fps",
               "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
-              "serial_episodes")
+              "serial_episodes", "reproduce")
 # A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
 REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
 
@@ -252,7 +252,20 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     page = write_review(out)
     videos = f"\nVideos: {out / 'videos'}" if (out / "videos").is_dir() else ""
     print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}{videos}\nReview page: {page}")
+    if cfg.get("reproduce") and not _in_multirun():  # a sweep checks all its jobs together at its end
+        from runners.reproduce import markdown, report
+
+        print(markdown(report(out, str(cfg.reproduce))))
     return summary
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+    except ValueError:
+        return False
 
 
 def _main_thread() -> bool:
