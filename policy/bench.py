@@ -2,6 +2,8 @@
 
     python -m policy.bench                                  # eager and compile, batch 1/16, steps 1/3/10
     python -m policy.bench --backends eager,compile,fp8 --out bench.json
+    python -m policy.bench --backends eager,compile,compile:expert_kernels=triton --batch 1 --steps 10
+    python -m policy.bench --profile --backends compile --batch 1 --steps 1   # kernel times per stage
 
 Real-size `pi05_libero` with random weights (speed does not depend on the values), 2 cameras (the
 third slot masked, as LIBERO), a LIBERO-length prompt. For each backend, batch size and step count:
@@ -9,6 +11,8 @@ p50/p95 of a full sample (inputs already on the GPU; the policy's host-side prep
 included) and of its parts (vision, prefix, denoise loop), timed with CUDA events after warm-up;
 warm-up time (compilation and graph capture); peak GPU memory; speed-up over `eager` from the same
 run; and the max / mean absolute difference of the actions from `eager` on the same inputs and noise.
+A backend spec takes options after a colon, separated by "/": `compile:expert_kernels=triton/attention=sdpa`.
+Rows of samplers with fused kernels carry each kernel's check against its torch reference ("kernels").
 """
 
 from __future__ import annotations
@@ -22,22 +26,8 @@ import numpy as np
 import torch
 
 from policy.backends import make_sampler
+from policy.pi05.examples import example_inputs
 from policy.pi05.weights import random_model
-
-
-def make_inputs(cfg, batch: int, prompt_tokens: int, device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    size = cfg.image_size
-    images = [torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for _ in range(3)]
-    images[2].fill_(-1.0)  # LIBERO: the right wrist slot is padding
-    masks = [torch.ones(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)]
-    tokens = torch.zeros(batch, cfg.max_token_len, dtype=torch.long)
-    tokens[:, :prompt_tokens] = torch.randint(3, cfg.vocab_size, (batch, prompt_tokens), generator=g)
-    tokens[:, 0] = 2  # BOS
-    token_masks = tokens != 0
-    noise = torch.randn(batch, cfg.chunk_size, cfg.action_dim, generator=g)
-    to = lambda t: t.to(device)  # noqa: E731
-    return [to(x) for x in images], [to(m) for m in masks], to(tokens), to(token_masks), to(noise)
 
 
 def time_fn(fn, iters: int, warmup: int = 3) -> np.ndarray:
@@ -72,13 +62,12 @@ def profile(spec: str, batch: int, steps: int, prompt_tokens: int, config="pi05_
     label, name, options = parse_backend(spec)
     device = torch.device("cuda")
     model = random_model(config, device=device, dtype=torch.bfloat16)
-    inputs = make_inputs(model.config, batch, prompt_tokens, device)
+    inputs = example_inputs(model.config, batch, prompt_tokens, device)
     sampler = make_sampler(name, model, num_steps=steps, **options)
     stages = sampler.stages(*inputs)
     graphs = {k: float(np.percentile(time_fn(fn, 20), 50)) for k, fn in stages.items()}
-    if hasattr(sampler, "cuda_graphs"):
-        sampler.cuda_graphs = False  # run the stages' kernels one by one so the profiler sees each
-    for stage, fn in sampler.stages(*inputs).items():
+    # the stages' kernels one by one (no CUDA graph), so the profiler sees each
+    for stage, fn in sampler.stages(*inputs, graphs=False).items():
         fn()
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -96,7 +85,7 @@ def warmup_only(spec: str, batch: int, steps: int, prompt_tokens: int, config="p
     label, name, options = parse_backend(spec)
     device = torch.device("cuda")
     model = random_model(config, device=device, dtype=torch.bfloat16)
-    inputs = make_inputs(model.config, batch, prompt_tokens, device)
+    inputs = example_inputs(model.config, batch, prompt_tokens, device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     make_sampler(name, model, num_steps=steps, **options)(*inputs)
@@ -129,7 +118,7 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
     cfg = model.config
     rows = []
     for batch in batches:
-        inputs = make_inputs(cfg, batch, prompt_tokens, device)
+        inputs = example_inputs(cfg, batch, prompt_tokens, device)
         reference = {}
         for steps in steps_list:
             for spec in backends:
@@ -139,7 +128,7 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
                 t0 = time.perf_counter()
                 if name == "fp8" and "calibration" not in options:
                     # calibrate on representative data (another draw of the benchmark's inputs), as a user would
-                    options = dict(options, calibration=[make_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
+                    options = dict(options, calibration=[example_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
                 try:
                     sampler = make_sampler(name, model, num_steps=steps, **options)
                     actions = sampler(*inputs)
@@ -165,6 +154,9 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
                     "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
                     "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean()),
                 }
+                kernels = getattr(sampler, "kernel_status", None)  # fused kernels: checks and fallbacks
+                if kernels:
+                    row["kernels"] = kernels
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del sampler
@@ -188,6 +180,9 @@ def table(rows, gpu: str) -> str:
                    f"{r['vision_p50_ms']:>7.2f} {r['prefix_p50_ms']:>7.2f} {r['denoise_p50_ms']:>8.2f} "
                    f"{r.get('speedup_vs_eager', float('nan')):>7.2f}x {r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} "
                    f"{d('max_abs_diff_vs_eager'):>8} {d('mean_abs_diff_vs_eager'):>8}")
+    for r in rows:  # fused kernels: each one's check against its torch reference, and any fallback
+        for kernel, status in r.get("kernels", {}).items():
+            out.append(f"  {r['backend']} B={r['batch']} steps={r['steps']} {kernel}: {status}")
     return "\n".join(out)
 
 

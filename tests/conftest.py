@@ -26,6 +26,24 @@ def golden_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_case(golden_dir) -> dict:
+    """openpi's tensors for the tiny model: `input.*` (a batch of 2), `output.*` (fp32 results), `extra.*`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_dir / "tiny_case.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_inputs(golden_case) -> tuple:
+    """The golden batch as every sampler takes it: (images, image_masks, tokens, token_masks, noise), CPU."""
+    from policy.pi05.config import CAMERA_SLOTS
+
+    c = golden_case
+    return ([c[f"input.image.{s}"] for s in CAMERA_SLOTS], [c[f"input.image_mask.{s}"] for s in CAMERA_SLOTS],
+            c["input.tokenized_prompt"], c["input.tokenized_prompt_mask"], c["input.noise"])
+
+
+@pytest.fixture(scope="session")
 def spm_tokenizer(tmp_path_factory) -> Path:
     """A small SentencePiece model trained here (ids like Gemma's: pad 0, eos 1, bos 2), standing in
     for PaliGemma's tokenizer file, which tests may not download."""

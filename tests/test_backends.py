@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from policy.backends import BACKENDS, get_backend, make_sampler
 from policy.backends.compiled import PROMPT_BUCKETS, CompiledSampler
-from policy.pi05.config import CAMERA_SLOTS
 from policy.pi05.weights import load_model
 
 
@@ -16,11 +14,8 @@ def tiny(golden_dir):
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir):
-    c = load_file(str(golden_dir / "tiny_case.safetensors"))
-    images = [c[f"input.image.{s}"] for s in CAMERA_SLOTS]
-    masks = [c[f"input.image_mask.{s}"] for s in CAMERA_SLOTS]
-    return (images, masks, c["input.tokenized_prompt"], c["input.tokenized_prompt_mask"], c["input.noise"]), c
+def case(golden_inputs, golden_case):
+    return golden_inputs, golden_case
 
 
 def test_unknown_backend_lists_the_choices():
@@ -41,7 +36,7 @@ def test_eager_backend_is_the_model(tiny, case, steps):
 def test_compile_backend_structure_matches_eager_without_inductor(tiny, case, steps):
     """Fused projections, folded norms, precomputed time conditioning, static buffers, prompt buckets."""
     inputs, c = case
-    sampler = CompiledSampler(tiny, num_steps=steps, compile=False)
+    sampler = CompiledSampler(tiny, num_steps=steps, torch_compile=False)
     eager = make_sampler("eager", tiny, num_steps=steps)(*inputs)
     out = sampler(*inputs)
     assert (out - eager).abs().max() <= 1e-5
@@ -63,7 +58,7 @@ def test_compile_backend_with_inductor_matches_eager(tiny, case):
 
 def test_compile_backend_handles_long_prompts_and_single_rows(tiny, case):
     (images, masks, tokens, tmask, noise), _ = case
-    sampler = CompiledSampler(tiny, num_steps=2, compile=False)
+    sampler = CompiledSampler(tiny, num_steps=2, torch_compile=False)
     long_mask = torch.zeros_like(tmask)
     long_mask[:, :150] = True
     long_tokens = torch.where(long_mask, torch.randint(3, 1000, tokens.shape), 0)
@@ -78,21 +73,24 @@ def test_compile_backend_handles_long_prompts_and_single_rows(tiny, case):
 
 def test_cuda_graphs_need_a_gpu(tiny):
     with pytest.raises(ValueError, match="CUDA"):
-        CompiledSampler(tiny, cuda_graphs=True, compile=False)
+        CompiledSampler(tiny, cuda_graphs=True, torch_compile=False)
 
 
 def test_fp8_quantization_emulated_on_the_cpu_stays_close_to_eager(tiny, case):
-    from policy.backends.fp8 import FP8_MATRICES, Fp8Sampler
+    from policy.backends.fp8 import FP8_MATRICES, Fp8Matrix, Fp8Sampler
 
     inputs, _ = case
     sampler = Fp8Sampler(tiny, num_steps=10, emulate=True, calibration=[inputs[:4]])
-    quantized = [(k, i, j) for k, idx in FP8_MATRICES.items() for i in range(len(sampler.weights[k])) for j in idx]
-    unused = {("prefix", 1, 1), ("prefix", 1, 2), ("prefix", 1, 3)}  # the last prefix layer only makes K/V
+    quantized = [(k, i, name) for k, names in FP8_MATRICES.items() for i in range(len(sampler.weights[k]))
+                 for name in names]
+    unused = {("prefix", 1, "o"), ("prefix", 1, "gate_up"), ("prefix", 1, "down")}  # the last prefix layer only makes K/V
     assert set(sampler.amax) == set(quantized) - unused and sampler.calibrator in ("max", "modelopt")
-    quantized = sorted(sampler.amax)
-    for kind, i, j in quantized:
-        w8, w_scale, x_scale = sampler.weights[kind][i][j]
-        assert w8.dtype == torch.float8_e4m3fn and w_scale > 0 and x_scale > 0
+    for kind, i, name in sorted(sampler.amax):
+        m = getattr(sampler.weights[kind][i], name)
+        assert isinstance(m, Fp8Matrix) and m.w8.dtype == torch.float8_e4m3fn and m.w_scale > 0 and m.x_scale > 0
+    # what stays bf16 is named too: the expert's attention, the vision biases
+    assert not isinstance(sampler.weights["expert"][0].qkv, Fp8Matrix)
+    assert not isinstance(sampler.weights["vision"][0].qkv_b, Fp8Matrix)
     out = sampler(*inputs)
     ref = make_sampler("eager", tiny, num_steps=10)(*inputs)
     err = (out - ref).abs()
