@@ -7,6 +7,12 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    # No GPU (CI): Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 from pathlib import Path
 

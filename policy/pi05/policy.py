@@ -89,8 +89,9 @@ class Pi05Policy:
         tokens, token_masks = self._prompts(batch)
         dev = self.device
         images = [torch.from_numpy(x).to(dev, non_blocking=True) for x in images]
-        masks = [torch.from_numpy(m).to(dev) for m in masks]
-        tokens, token_masks = torch.from_numpy(tokens).to(dev), torch.from_numpy(token_masks).to(dev)
+        # masks stay on the host: samplers read the batch's shape there, so the call never waits on the GPU
+        masks = [torch.from_numpy(m) for m in masks]
+        tokens, token_masks = torch.from_numpy(tokens).to(dev), torch.from_numpy(token_masks)
         noise = torch.randn(b, self.chunk_size, self.config.action_dim, generator=self._generator, device=dev)
         actions = self.sampler(images, masks, tokens, token_masks, noise).float().cpu().numpy()
         return {

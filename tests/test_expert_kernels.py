@@ -1,0 +1,176 @@
+"""The fused Triton expert kernels (policy/backends/expert_triton.py) on the CPU, in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py when there is no GPU), in fp32: each kernel against its torch
+reference, the references against the compile backend's expert layer, and the whole sampler against
+openpi's golden actions. The same kernels at real size in bf16 on a GPU: tests/test_gpu.py."""
+
+import pytest
+import torch
+
+from policy.backends import expert_triton as et
+from policy.backends.compiled import CompiledSampler, expert_layer, mqa_attention
+from policy.backends.fp8 import E4M3_MAX, Fp8Matrix, quantize
+from policy.backends.fused import ExpertWeights
+from policy.pi05.weights import load_model
+
+EPS = 1e-6
+TOL = 1e-5  # fp32, same maths in another order
+
+
+def _rand(*shape, scale=1.0, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _fp8(w):
+    s = (w.abs().amax() / E4M3_MAX).reshape(())
+    return Fp8Matrix(quantize(w, s), s, s)
+
+
+@pytest.fixture(scope="module")
+def tiny(golden_dir):
+    return load_model(golden_dir / "tiny_openpi_model.safetensors", config="tiny", dtype=torch.float32)
+
+
+def test_kernels_run_in_the_interpreter_here():
+    assert et.INTERPRET, "conftest sets TRITON_INTERPRET=1 on machines without CUDA"
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # 10 and 30 rows: one block of 16 / 32 rows, padded rows masked
+@pytest.mark.parametrize("fp8", [False, True])
+def test_qkv_rope_kernel_matches_its_reference(batch, fp8):
+    t, width, heads, hd, keys, prefix_len = 10, 48, 8, 32, 96, 37  # width 48: K not a multiple of the block
+    x = _rand(batch, t, width, seed=1)
+    w = _rand((heads + 2) * hd, width, scale=width ** -0.5, seed=2)
+    w = _fp8(w) if fp8 else w
+    mods = _rand(2, width, scale=0.5, seed=3)
+    angles = _rand(batch, t, hd // 2, seed=4)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # halves equal, as RoPE's
+
+    def run(fn):
+        q = torch.zeros(batch * t, heads * hd)
+        k, v = torch.full((batch, keys, hd), 7.0), torch.full((batch, keys, hd), 7.0)
+        fn(x, w, mods[0], mods[1], cos, sin, q, k, v, prefix_len, heads, EPS)
+        return q, k, v
+
+    (q, k, v), (q_ref, k_ref, v_ref) = run(et.qkv_rope), run(et.qkv_rope_reference)
+    assert (q - q_ref).abs().max() <= TOL and (k - k_ref).abs().max() <= TOL and (v - v_ref).abs().max() <= TOL
+    # only the action tokens' rows of the cache were written; the prefix and the padding kept their values
+    written = torch.zeros(keys, dtype=torch.bool)
+    written[prefix_len:prefix_len + t] = True
+    assert (k[:, ~written] == 7.0).all() and (v[:, ~written] == 7.0).all() and (k[:, written] != 7.0).all()
+
+
+@pytest.mark.parametrize("rows", [10, 20])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gated_residual_kernel_matches_its_reference(rows, fp8):
+    n, k = 40, 72  # neither a multiple of the blocks: masked columns and K tail
+    a, res, gate = _rand(rows, k, seed=5), _rand(rows, n, seed=6), _rand(n, seed=7)
+    w = _rand(n, k, scale=k ** -0.5, seed=8)
+    w = _fp8(w) if fp8 else w
+    out, ref = torch.full((rows, n), 3.0), torch.full((rows, n), 3.0)
+    et.gated_residual(a, w, res, gate, out)
+    et.gated_residual_reference(a, w, res, gate, ref)
+    assert (out - ref).abs().max() <= TOL
+    manual = res + gate * (a @ (w.w8.float() * w.w_scale if fp8 else w).T)
+    assert (out - manual).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("rows", [10, 20])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_geglu_kernel_matches_its_reference(rows, fp8):
+    width, hidden = 48, 64
+    x, mods = _rand(rows, width, scale=3.0, seed=9), _rand(2, width, scale=0.5, seed=10)
+    w = _rand(2 * hidden, width, scale=2 * width ** -0.5, seed=11)  # large pre-activations: both tails of tanh
+    w = _fp8(w) if fp8 else w
+    out, ref = torch.zeros(rows, hidden), torch.zeros(rows, hidden)
+    et.geglu(x, w, mods[0], mods[1], out, EPS)
+    et.geglu_reference(x, w, mods[0], mods[1], ref, EPS)
+    assert (out - ref).abs().max() <= TOL * max(1.0, float(ref.abs().max()))
+
+
+def test_fused_layer_equals_the_compile_backends_expert_layer():
+    """The kernels' layer (through their torch references, then the kernels) computes what the
+    inductor path's expert_layer does: the references are the same fusion, not another model."""
+    b, t, width, heads, hd, mlp, keys, prefix_len = 2, 10, 32, 8, 16, 64, 64, 40
+    x = _rand(b, t, width, seed=12)
+    w = ExpertWeights(qkv=_rand((heads + 2) * hd, width, scale=0.2, seed=13), o=_rand(width, heads * hd, scale=0.1, seed=14),
+                      gate_up=_rand(2 * mlp, width, scale=0.2, seed=15), down=_rand(width, mlp, scale=0.1, seed=16))
+    mods = _rand(6, width, scale=0.3, seed=17)
+    angles = _rand(b, t, hd // 2, seed=18)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    bias = torch.zeros(b, 1, keys)
+    bias[:, :, prefix_len + t:] = -2.3819763e38
+    bias[1, :, 5:9] = -2.3819763e38  # masked prefix keys too
+    prefix_k, prefix_v = _rand(b, keys, hd, seed=19), _rand(b, keys, hd, seed=20)
+    attention = lambda q, k, v, bias: mqa_attention(q, k, v, bias).reshape(b, t, heads * hd)  # noqa: E731
+
+    ref_k, ref_v = prefix_k.clone(), prefix_v.clone()
+    ref = expert_layer(x, mods, cos, sin, bias, ref_k, ref_v, *w, heads=heads, hd=hd, eps=EPS, prefix_len=prefix_len)
+    fused = et.ExpertKernels(heads, EPS, attention)
+    k, v = prefix_k.clone(), prefix_v.clone()
+    out = fused.layer(x, mods, cos, sin, bias, k, v, w, prefix_len)
+    assert (out - ref).abs().max() <= 1e-4 and (k - ref_k).abs().max() <= 1e-5 and (v - ref_v).abs().max() <= 1e-5
+    assert sorted(fused.status) == ["down_residual@20", "geglu@20", "o_residual@20", "qkv_rope@20"]
+    assert all(s.startswith("ok") for s in fused.status.values()), fused.status
+
+
+def test_a_kernel_that_fails_falls_back_to_its_reference_and_says_so(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setitem(et.KERNELS, "geglu", (broken, et.geglu_reference))
+    fused = et.ExpertKernels(8, EPS, None)
+    x, w, mods = _rand(10, 16, seed=21), _rand(64, 16, seed=22), _rand(2, 16, seed=23)
+    out, ref = torch.zeros(10, 32), torch.zeros(10, 32)
+    for _ in range(2):
+        fused._run("geglu", "geglu", 10, (x, w, mods[0], mods[1], out, EPS), lambda: (out,))
+    et.geglu_reference(x, w, mods[0], mods[1], ref, EPS)
+    assert torch.equal(out, ref) and fused.status["geglu@10"].startswith("fallback: RuntimeError: no kernel")
+
+
+def test_a_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch):
+    def wrong(x, w, scale, shift, out, eps):
+        et.geglu(x, w, scale, shift, out, eps)
+        out.mul_(1.5)
+
+    monkeypatch.setitem(et.KERNELS, "geglu", (wrong, et.geglu_reference))
+    fused = et.ExpertKernels(8, EPS, None)
+    x, w, mods = _rand(10, 16, seed=24), _rand(64, 16, seed=25), _rand(2, 16, seed=26)
+    out, ref = torch.zeros(10, 32), torch.zeros(10, 32)
+    fused._run("geglu", "geglu", 10, (x, w, mods[0], mods[1], out, EPS), lambda: (out,))
+    et.geglu_reference(x, w, mods[0], mods[1], ref, EPS)
+    assert torch.equal(out, ref) and fused.status["geglu@10"].startswith("fallback: mismatch")
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_sampler_with_triton_expert_kernels_matches_openpi(tiny, golden_inputs, golden_case, steps):
+    """The whole denoise loop through the kernels (the golden batch of 2: 20 rows, masked prefix keys)."""
+    key = {1: "actions_1step", 10: "actions_10steps"}[steps]
+    sampler = CompiledSampler(tiny, num_steps=steps, torch_compile=False, expert_kernels="triton")
+    out = sampler(*golden_inputs)
+    assert (out - golden_case[f"output.{key}"]).abs().max() <= 1e-4  # the golden tolerance
+    assert set(sampler.kernel_status) == {f"{k}@20" for k in ("qkv_rope", "o_residual", "geglu", "down_residual")}
+    assert all(s.startswith("ok") for s in sampler.kernel_status.values()), sampler.kernel_status
+
+
+def test_fp8_sampler_with_triton_expert_kernels_stays_close_to_eager(tiny, golden_inputs):
+    from policy.backends import make_sampler
+    from policy.backends.fp8 import Fp8Sampler
+
+    ref = make_sampler("eager", tiny, num_steps=3)(*golden_inputs)
+    calibration = [golden_inputs[:4]]
+    mm = Fp8Sampler(tiny, num_steps=3, emulate=True, calibration=calibration)(*golden_inputs)
+    fused = Fp8Sampler(tiny, num_steps=3, emulate=True, calibration=calibration, expert_kernels="triton")
+    out = fused(*golden_inputs)
+    assert all(s.startswith("ok") for s in fused.kernel_status.values()) and len(fused.kernel_status) == 4
+    # weight-only FP8 in the expert MLP (activations stay exact) is no further from eager than _scaled_mm's
+    err, err_mm = (out - ref).abs().mean(), (mm - ref).abs().mean()
+    print(f"fp8 vs eager, tiny model, 3 steps: fused kernels mean {err:.2e}, _scaled_mm emulated mean {err_mm:.2e}")
+    assert 0 < err < 0.1 and (out - ref).abs().max() < 0.5
+
+
+def test_triton_expert_kernels_need_a_gpu_or_the_interpreter(tiny, monkeypatch):
+    monkeypatch.setattr(et, "INTERPRET", False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_kernels="triton")
+    with pytest.raises(ValueError, match="inductor or triton"):
+        CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_kernels="cuda")
