@@ -112,8 +112,29 @@ def warmup_check(spec: str, batch: int, steps: int, prompt_tokens: int) -> dict:
     return {"backend": spec, "batch": batch, "steps": steps, "first_process_s": times[0], "second_process_s": times[1]}
 
 
-def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0):
-    device = torch.device("cuda")
+def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0: float) -> dict:
+    """One backend at one shape: warm-up (from t0), p50/p95 of the full call and of each stage, peak
+    memory, the actions, and the fused kernels' checks if it has any."""
+    sampler = make_sampler(name, model, num_steps=steps, **options)
+    actions = sampler(*inputs).float()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    full = time_fn(lambda: sampler(*inputs), iters)
+    parts = {k: time_fn(fn, iters) for k, fn in sampler.stages(*inputs).items()}
+    row = {
+        "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
+        **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
+        **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
+        "warmup_s": warmup_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "actions": actions,
+    }
+    kernels = getattr(sampler, "kernel_status", None)  # fused kernels: their checks, and any fallback
+    if kernels:
+        row["kernels"] = kernels
+    return row
+
+
+def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0, device="cuda"):
+    device = torch.device(device)
     model = random_model(config, seed=seed, device=device, dtype=torch.bfloat16)
     cfg = model.config
     rows = []
@@ -130,36 +151,22 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
                     # calibrate on representative data (another draw of the benchmark's inputs), as a user would
                     options = dict(options, calibration=[example_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
                 try:
-                    sampler = make_sampler(name, model, num_steps=steps, **options)
-                    actions = sampler(*inputs)
-                    torch.cuda.synchronize()
+                    row = measure(name, steps, options, model, inputs, iters, t0)
                 except Exception as exc:  # report and go on: one backend must not sink the table
                     rows.append({"backend": label, "batch": batch, "steps": steps, "error": f"{type(exc).__name__}: {exc}"})
                     print(f"{label} batch {batch} steps {steps}: {type(exc).__name__}: {exc}", flush=True)
+                    torch.cuda.empty_cache()
                     continue
-                warmup_s = time.perf_counter() - t0
-                full = time_fn(lambda: sampler(*inputs), iters)
-                parts = {k: time_fn(fn, iters) for k, fn in sampler.stages(*inputs).items()}
-                peak = torch.cuda.max_memory_allocated() / 2**30
+                actions = row.pop("actions")
                 if label == "eager":
-                    reference[steps] = actions.float()
+                    reference[steps] = actions
                 ref = reference.get(steps)
-                diff = (actions.float() - ref).abs() if ref is not None else None
-                row = {
-                    "backend": label, "batch": batch, "steps": steps,
-                    "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
-                    **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
-                    **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
-                    "warmup_s": warmup_s, "peak_gib": peak,
-                    "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
-                    "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean()),
-                }
-                kernels = getattr(sampler, "kernel_status", None)  # fused kernels: checks and fallbacks
-                if kernels:
-                    row["kernels"] = kernels
+                diff = (actions - ref).abs() if ref is not None else None
+                row = {"backend": label, "batch": batch, "steps": steps, **row,
+                       "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
+                       "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean())}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del sampler
     eager = {(r["batch"], r["steps"]): r["p50_ms"] for r in rows if r["backend"] == "eager" and "p50_ms" in r}
     for r in rows:
         if "p50_ms" in r and (r["batch"], r["steps"]) in eager:

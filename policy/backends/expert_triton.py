@@ -75,9 +75,11 @@ def _row_rstd(x_ptr, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constex
 
 @triton.jit
 def _dot(a, w, acc, IEEE: tl.constexpr):
-    """acc + a @ w^T for a (BLOCK_M, BLOCK_K) and w (BLOCK_N, BLOCK_K); fp32 operands exactly (IEEE)."""
+    """acc + a @ w^T for a (BLOCK_M, BLOCK_K) and w (BLOCK_N, BLOCK_K); fp32 operands exactly (IEEE).
+    The interpreter (IEEE there for every dtype) multiplies bf16 operands as fp32: the same products and
+    fp32 sums as a bf16 tensor-core dot, which its numpy backend cannot do."""
     if IEEE:
-        acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
     else:
         acc += tl.dot(a, tl.trans(w))
     return acc
@@ -238,7 +240,7 @@ def _common(a: torch.Tensor, w) -> dict:
     if mat.shape[1] != a.shape[1]:
         raise ValueError(f"weight {tuple(mat.shape)} does not take inputs of width {a.shape[1]}")
     return {"w_ptr": mat, "w_scale_ptr": mat if scale is None else scale, "M": a.shape[0], "N": mat.shape[0],
-            "K": a.shape[1], "W_FP8": scale is not None, "IEEE": a.dtype == torch.float32}
+            "K": a.shape[1], "W_FP8": scale is not None, "IEEE": a.dtype == torch.float32 or INTERPRET}
 
 
 def qkv_rope(x, w, scale, shift, cos, sin, q, k_cache, v_cache, prefix_len: int, heads: int, eps: float) -> None:
