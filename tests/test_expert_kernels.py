@@ -87,6 +87,23 @@ def test_geglu_kernel_matches_its_reference(rows, fp8):
     assert (out - ref).abs().max() <= TOL * max(1.0, float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_split_key_attention_kernels_match_the_compile_backends_attention(batch):
+    t, heads, hd, keys, prefix_len = 10, 8, 32, 192, 100  # 3 key splits of 64; the last one fully masked
+    q = _rand(batch, t * heads, hd, seed=27)
+    k, v = _rand(batch, keys, hd, scale=2.0, seed=28), _rand(batch, keys, hd, seed=29)
+    bias = torch.full((batch, 1, keys), et.MASKED)
+    bias[:, :, : prefix_len + t] = 0.0
+    bias[-1, :, 3:40] = et.MASKED  # padded prompt tokens of one row
+    out = torch.zeros(batch * t * heads, hd)
+    et.attention(q, k, v, bias, out)
+    ref = mqa_attention(q, k, v, bias).reshape(batch * t * heads, hd)
+    assert (out - ref).abs().max() <= TOL
+    ref2 = torch.zeros_like(out)
+    et.attention_reference(q, k, v, bias, ref2)
+    assert torch.equal(ref2, ref)
+
+
 def test_fused_layer_equals_the_compile_backends_expert_layer():
     """The kernels' layer (through their torch references, then the kernels) computes what the
     inductor path's expert_layer does: the references are the same fusion, not another model."""
@@ -105,12 +122,14 @@ def test_fused_layer_equals_the_compile_backends_expert_layer():
 
     ref_k, ref_v = prefix_k.clone(), prefix_v.clone()
     ref = expert_layer(x, mods, cos, sin, bias, ref_k, ref_v, *w, heads=heads, hd=hd, eps=EPS, prefix_len=prefix_len)
-    fused = et.ExpertKernels(heads, EPS, attention)
-    k, v = prefix_k.clone(), prefix_v.clone()
-    out = fused.layer(x, mods, cos, sin, bias, k, v, w, prefix_len)
-    assert (out - ref).abs().max() <= 1e-4 and (k - ref_k).abs().max() <= 1e-5 and (v - ref_v).abs().max() <= 1e-5
-    assert sorted(fused.status) == ["down_residual@20", "geglu@20", "o_residual@20", "qkv_rope@20"]
-    assert all(s.startswith("ok") for s in fused.status.values()), fused.status
+    for attn, kernels in ((attention, ["down_residual@20", "geglu@20", "o_residual@20", "qkv_rope@20"]),
+                          (None, ["attention@20", "down_residual@20", "geglu@20", "o_residual@20", "qkv_rope@20"])):
+        fused = et.ExpertKernels(heads, EPS, attn)  # None: the split-key attention kernels
+        k, v = prefix_k.clone(), prefix_v.clone()
+        out = fused.layer(x, mods, cos, sin, bias, k, v, w, prefix_len)
+        assert (out - ref).abs().max() <= 1e-4 and (k - ref_k).abs().max() <= 1e-5 and (v - ref_v).abs().max() <= 1e-5
+        assert sorted(fused.status) == kernels
+        assert all(s.startswith("ok") for s in fused.status.values()), fused.status
 
 
 def test_a_kernel_that_fails_falls_back_to_its_reference_and_says_so(monkeypatch):
@@ -141,14 +160,16 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch):
     assert torch.equal(out, ref) and fused.status["geglu@10"].startswith("fallback: mismatch")
 
 
-@pytest.mark.parametrize("steps", [1, 10])
-def test_sampler_with_triton_expert_kernels_matches_openpi(tiny, golden_inputs, golden_case, steps):
+@pytest.mark.parametrize("steps,attention", [(1, "compiled"), (10, "compiled"), (3, "triton")])
+def test_sampler_with_triton_expert_kernels_matches_openpi(tiny, golden_inputs, golden_case, steps, attention):
     """The whole denoise loop through the kernels (the golden batch of 2: 20 rows, masked prefix keys)."""
-    key = {1: "actions_1step", 10: "actions_10steps"}[steps]
-    sampler = CompiledSampler(tiny, num_steps=steps, torch_compile=False, expert_kernels="triton")
+    key = {1: "actions_1step", 3: "actions_3steps", 10: "actions_10steps"}[steps]
+    sampler = CompiledSampler(tiny, num_steps=steps, torch_compile=False, expert_kernels="triton",
+                              expert_attention=attention)
     out = sampler(*golden_inputs)
     assert (out - golden_case[f"output.{key}"]).abs().max() <= 1e-4  # the golden tolerance
-    assert set(sampler.kernel_status) == {f"{k}@20" for k in ("qkv_rope", "o_residual", "geglu", "down_residual")}
+    kernels = ("qkv_rope", "o_residual", "geglu", "down_residual") + (("attention",) if attention == "triton" else ())
+    assert set(sampler.kernel_status) == {f"{k}@20" for k in kernels}
     assert all(s.startswith("ok") for s in sampler.kernel_status.values()), sampler.kernel_status
 
 
@@ -174,3 +195,5 @@ def test_triton_expert_kernels_need_a_gpu_or_the_interpreter(tiny, monkeypatch):
         CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_kernels="triton")
     with pytest.raises(ValueError, match="inductor or triton"):
         CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_kernels="cuda")
+    with pytest.raises(ValueError, match="add expert_kernels='triton'"):
+        CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_attention="triton")

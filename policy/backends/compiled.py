@@ -191,12 +191,15 @@ class CompiledSampler:
 
     def __init__(self, model: Pi05Model, num_steps: int = 10, torch_compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
-                 whole_step: bool = True, expert_kernels: str = "inductor", linear=None):
+                 whole_step: bool = True, expert_kernels: str = "inductor", expert_attention: str = "compiled",
+                 linear=None):
         """torch_compile: compile the layer functions with inductor (False: run them eagerly, e.g. to check
         the fused structure); cuda_graphs: capture each stage (default: on CUDA); compile_mode /
         expert_compile_mode: torch.compile modes; attention: "matmul" or "sdpa"; whole_step: compile a
         denoise step's expert layers as one graph; expert_kernels: "inductor" or "triton" (the fused
-        expert kernels); linear: the matrix product (the fp8 backend passes its own)."""
+        expert kernels); expert_attention (with expert_kernels="triton"): "compiled" (the attention
+        function above, compiled) or "triton" (split-key attention kernels); linear: the matrix product
+        (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
         self.device = model.llm.embed_tokens.weight.device
@@ -213,6 +216,10 @@ class CompiledSampler:
             raise ValueError(f"unknown attention {attention!r}; choose matmul or sdpa")
         if expert_kernels not in EXPERT_KERNELS:
             raise ValueError(f"unknown expert_kernels {expert_kernels!r}; choose {' or '.join(EXPERT_KERNELS)}")
+        if expert_attention not in ("compiled", "triton"):
+            raise ValueError(f"unknown expert_attention {expert_attention!r}; choose compiled or triton")
+        if expert_attention == "triton" and expert_kernels != "triton":
+            raise ValueError("expert_attention='triton' runs inside the fused expert layer: add expert_kernels='triton'")
         self._impl = attention
         hd, heads, eps = cfg.head_dim, cfg.num_heads, cfg.norm_eps
         fns = {
@@ -223,7 +230,7 @@ class CompiledSampler:
                                            impl=self._impl),
             "out": functools.partial(suffix_out, eps=eps),
         }
-        if expert_kernels == "triton":
+        if expert_kernels == "triton" and expert_attention == "compiled":
             fns["attention"] = functools.partial(attention_fn, heads=heads, impl=self._impl)
         if torch_compile:
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, mode=compile_mode) for k, f in fns.items()}

@@ -211,6 +211,71 @@ def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, M, N
     tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], (act * u).to(dt), mask=ok)
 
 
+MASKED = -2.3819763e38  # openpi's big_neg, as the compile backend's key bias holds it
+ATTN_BLOCK_Q, ATTN_BLOCK_S, ATTN_BLOCK_D = 16, 64, 64
+
+
+@triton.jit
+def _attention_split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, RB, S, R, sm_scale,
+                            HD: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (pid_q, split, b): BLOCK_Q query rows of batch row b (RB = T * H rows each, all heads sharing
+    the one K/V head) against the BLOCK_S keys of one split; writes that split's row max, row sum of
+    exp and unnormalized exp-weighted values, merged by _attention_combine_kernel (flash-decoding).
+    One key block per program and 16 query rows keep the (16, hd) fp32 accumulator small at hd 256."""
+    pid_q = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    qr = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = qr < RB
+    rows = b * RB + qr  # rows of q (B * T * H, HD): row (b * T + t) * H + h
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + rows[:, None] * HD + d[None, :], mask=q_ok[:, None], other=0.0)
+    ks = split * BLOCK_S + tl.arange(0, BLOCK_S)
+    k_ok = ks < S
+    kv = (b * S + ks)[:, None] * HD + d[None, :]  # cache (B, S, HD)
+    k = tl.load(k_ptr + kv, mask=k_ok[:, None], other=0.0)
+    dt = q_ptr.dtype.element_ty
+    scores = _dot(q, k, tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32), IEEE)
+    # as the eager attention: bf16 scores, then scaled and masked in fp32
+    bias = tl.load(bias_ptr + b * S + ks, mask=k_ok, other=-2.3819763e38)
+    scores = scores.to(dt).to(tl.float32) * sm_scale + bias[None, :]
+    m = tl.max(scores, axis=1)
+    p = tl.exp(scores - m[:, None])
+    v = tl.load(v_ptr + kv, mask=k_ok[:, None], other=0.0)
+    if IEEE:
+        acc = tl.dot(p.to(dt).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(dt), v)
+    ws = split * R + rows  # workspace row of this split
+    tl.store(m_ptr + ws, m, mask=q_ok)
+    tl.store(l_ptr + ws, tl.sum(p, axis=1), mask=q_ok)
+    tl.store(acc_ptr + ws[:, None] * HD + d[None, :], acc, mask=q_ok[:, None])
+
+
+@triton.jit
+def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, R, NSPLIT,
+                              HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out (R, HD) = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits (M = max_s m_s); a split
+    whose keys are all masked has m_s ~ -2.4e38 and weighs exactly 0."""
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < R
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    top = tl.load(m_ptr + rows, mask=r_ok, other=0.0)
+    for sp in range(1, NSPLIT):
+        top = tl.maximum(top, tl.load(m_ptr + sp * R + rows, mask=r_ok, other=0.0))
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for sp in range(0, NSPLIT):
+        w = tl.exp(tl.load(m_ptr + sp * R + rows, mask=r_ok, other=0.0) - top)
+        total += w * tl.load(l_ptr + sp * R + rows, mask=r_ok, other=1.0)
+        part = tl.load(acc_ptr + (sp * R + rows)[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
+        acc += w[:, None] * part
+    out = acc / total[:, None]
+    tl.store(out_ptr + rows[:, None] * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
 _TUNED = {fn: triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(fn)
           for fn in (_qkv_rope_kernel, _gated_residual_kernel, _geglu_kernel)}
 
@@ -278,6 +343,29 @@ def geglu(x, w, scale, shift, out, eps: float) -> None:
     _launch(_geglu_kernel, grid, args, args["M"], hidden)
 
 
+def attention(q, k_cache, v_cache, bias, out) -> None:
+    """out (B * T * H, hd) = softmax(q k^T / sqrt(hd) + bias) v for q (B, T * H, hd) over the cache
+    (B, S, hd) (one K/V head for all heads), bias (B, 1, S) fp32: split-key attention plus a merge."""
+    b, rb, hd = q.shape
+    s = k_cache.shape[1]
+    for t in (q, k_cache, v_cache, bias, out):
+        if not t.is_contiguous():
+            raise ValueError("the expert attention kernels need contiguous q, cache, bias and output")
+    if bias.shape != (b, 1, s) or bias.dtype != torch.float32 or hd & (hd - 1):
+        raise ValueError(f"attention needs a (B, 1, S) fp32 bias and a power-of-two head_dim, got {tuple(bias.shape)}, {hd}")
+    r, nsplit = b * rb, triton.cdiv(s, ATTN_BLOCK_S)
+    m = torch.empty(nsplit, r, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(nsplit, r, hd, device=q.device, dtype=torch.float32)
+    ieee = q.dtype == torch.float32 or INTERPRET
+    _attention_split_kernel[(triton.cdiv(rb, ATTN_BLOCK_Q), nsplit, b)](
+        q, k_cache, v_cache, bias, m, lsum, acc, rb, s, r, hd ** -0.5,
+        HD=hd, IEEE=ieee, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, num_warps=8)
+    block_d = min(ATTN_BLOCK_D, hd)
+    _attention_combine_kernel[(triton.cdiv(r, 16), hd // block_d)](
+        m, lsum, acc, out, r, nsplit, HD=hd, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
+
+
 # ----- the same fusions in torch (the reference each kernel is checked against, and the fallback) ---
 
 def _product(h, w):
@@ -317,7 +405,16 @@ def geglu_reference(x, w, scale, shift, out, eps: float) -> None:
     out.copy_(F.gelu(g, approximate="tanh") * u)
 
 
+def attention_reference(q, k_cache, v_cache, bias, out) -> None:
+    """The compile backend's attention (bf16 scores, fp32 softmax, bf16 probabilities)."""
+    b, rb, hd = q.shape
+    scores = q @ k_cache.transpose(1, 2)  # (B, T * H, S)
+    probs = torch.softmax(scores.float() * hd ** -0.5 + bias, dim=-1).to(v_cache.dtype)
+    out.copy_((probs @ v_cache).reshape(b * rb, hd))
+
+
 KERNELS = {
+    "attention": (attention, attention_reference),
     "qkv_rope": (qkv_rope, qkv_rope_reference),
     "gated_residual": (gated_residual, gated_residual_reference),
     "geglu": (geglu, geglu_reference),
@@ -328,9 +425,10 @@ KERNELS = {
 
 class ExpertKernels:
     """The expert layers of a denoise step through the fused kernels. `attention(q, k, v, bias)`:
-    q (B, T * H, hd) over the cache -> (B, T, H * hd), the backend's (compiled) attention.
+    q (B, T * H, hd) over the cache -> (B, T, H * hd), the backend's (compiled) attention; None: the
+    split-key attention kernels here.
 
-    `status` maps "product@M" (qkv_rope, o_residual, geglu, down_residual) to "ok: ..." or "fallback: ..." once each kernel has run at M rows."""
+    `status` maps "product@M" (qkv_rope, attention, o_residual, geglu, down_residual) to "ok: ..." or "fallback: ..." once each kernel has run at M rows."""
 
     def __init__(self, heads: int, eps: float, attention, check_tol: float = 3e-2):
         self.heads, self.eps, self.attention = heads, eps, attention
@@ -372,7 +470,13 @@ class ExpertKernels:
         q = x.new_empty(m, heads * hd)
         self._run("qkv_rope", "qkv_rope", m, (x, w.qkv, mods[0], mods[1], cos, sin, q, k_cache, v_cache, prefix_len, heads, eps),
                   lambda: (q, k_cache[:, prefix_len:prefix_len + t], v_cache[:, prefix_len:prefix_len + t]))
-        attn = self.attention(q.view(b, t * heads, hd), k_cache, v_cache, bias).reshape(m, heads * hd).contiguous()
+        if self.attention is None:
+            attn = x.new_empty(m * heads, hd)  # (B * T * H, hd): the same memory as (M, H * hd)
+            self._run("attention", "attention", m, (q.view(b, t * heads, hd), k_cache, v_cache, bias, attn),
+                      lambda: (attn,))
+            attn = attn.view(m, heads * hd)
+        else:
+            attn = self.attention(q.view(b, t * heads, hd), k_cache, v_cache, bias).reshape(m, heads * hd).contiguous()
         x1 = x.new_empty(m, width)
         self._run("gated_residual", "o_residual", m, (attn, w.o, x.reshape(m, width), mods[2], x1), lambda: (x1,))
         hidden = x.new_empty(m, _unpack(w.down)[0].shape[1])
