@@ -133,7 +133,9 @@ def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0:
     return row
 
 
-def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0, device="cuda"):
+def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0, device="cuda",
+          on_row=None):
+    """Rows of measurements (see the module docstring); `on_row(rows)` after each, e.g. to save them."""
     device = torch.device(device)
     model = random_model(config, seed=seed, device=device, dtype=torch.bfloat16)
     cfg = model.config
@@ -167,6 +169,8 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
                        "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean())}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if on_row is not None:
+                    on_row(rows)
     eager = {(r["batch"], r["steps"]): r["p50_ms"] for r in rows if r["backend"] == "eager" and "p50_ms" in r}
     for r in rows:
         if "p50_ms" in r and (r["batch"], r["steps"]) in eager:
@@ -221,12 +225,17 @@ def main(argv=None):
         for spec in args.backends.split(","):
             profile(spec, ints(args.batch)[0], ints(args.steps)[0], args.prompt_tokens, args.config)
         return
-    rows = bench(args.backends.split(","), ints(args.batch), ints(args.steps), args.prompt_tokens, args.iters, args.config)
     gpu = torch.cuda.get_device_name(0)
-    result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-              "config": args.config, "prompt_tokens": args.prompt_tokens, "cameras": 2, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+
+    def save(rows):  # after every row: a run cut short still leaves what it measured
+        result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+                  "config": args.config, "prompt_tokens": args.prompt_tokens, "cameras": 2, "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    rows = bench(args.backends.split(","), ints(args.batch), ints(args.steps), args.prompt_tokens, args.iters,
+                 args.config, on_row=save)
+    save(rows)  # with the speed-ups
     print(table(rows, gpu))
 
 

@@ -61,6 +61,21 @@ CONFIGS = [
 
 # ----- kernels -------------------------------------------------------------------------------------
 
+_INTERPRETED = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _rnd(x, dt: tl.constexpr):
+    """fp32 x in dtype dt, rounded to nearest even (what a GPU's cast does). The interpreter's casts to
+    bf16 truncate: there the rounding is done on the bits first, so the cast after it is exact."""
+    if _INTERPRETED:
+        if dt == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
 @triton.jit
 def _row_rstd(x_ptr, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """rsqrt(mean(x^2) + eps) of each row of x (M, K), in fp32."""
@@ -102,7 +117,7 @@ def _stream(a_ptr, w_ptr, rows, cols1, cols2, M, N, K, rstd, scale_ptr, shift_pt
             sc = tl.load(scale_ptr + ks, mask=k_ok, other=0.0)
             sh = tl.load(shift_ptr + ks, mask=k_ok, other=0.0)
             h = a.to(tl.float32) * rstd[:, None] * (1.0 + sc[None, :]) + sh[None, :]
-            a = h.to(a_ptr.dtype.element_ty)
+            a = _rnd(h, a_ptr.dtype.element_ty)
         w1 = tl.load(w_ptr + cols1[:, None] * K + ks[None, :], mask=(cols1[:, None] < N) & k_ok[None, :], other=0.0)
         acc1 = _dot(a, w1.to(a_ptr.dtype.element_ty), acc1, IEEE)  # FP8 weights: converted in registers
         if PAIRED:
@@ -132,8 +147,8 @@ def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, s
         acc1 = acc1 * ws
         acc2 = acc2 * ws
     dt = q_ptr.dtype.element_ty
-    y1 = acc1.to(dt).to(tl.float32)  # the projection's output, rounded as F.linear rounds it
-    y2 = acc2.to(dt).to(tl.float32)
+    y1 = _rnd(acc1, dt).to(tl.float32)  # the projection's output, rounded as F.linear rounds it
+    y2 = _rnd(acc2, dt).to(tl.float32)
     row_ok = rows[:, None] < M
     # split-half RoPE, x * cos + rotate_half(x) * sin: [y1 | y2] -> [y1 cos1 - y2 sin1 | y2 cos2 + y1 sin2]
     # with cos/sin (M, HD) (their halves are equal for real positions; read both, as apply_rope does)
@@ -143,8 +158,8 @@ def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, s
     cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok, other=0.0).to(tl.float32)
     rope = head <= NQ  # v is not rotated
-    o1 = tl.where(rope, y1 * cos1 - y2 * sin1, y1).to(dt)
-    o2 = tl.where(rope, y2 * cos2 + y1 * sin2, y2).to(dt)
+    o1 = _rnd(tl.where(rope, y1 * cos1 - y2 * sin1, y1), dt)
+    o2 = _rnd(tl.where(rope, y2 * cos2 + y1 * sin2, y2), dt)
     if head < NQ:
         # q (M, NQ * HD): row m = b * T + t, column = head * HD + d, i.e. (B, T * H, hd) as attention reads it
         dst = q_ptr + rows[:, None] * (NQ * HD) + cols1[None, :]
@@ -178,10 +193,10 @@ def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr
     dt = out_ptr.dtype.element_ty
     col_ok = cols < N
     ok = (rows[:, None] < M) & col_ok[None, :]
-    gate = tl.load(gate_ptr + cols, mask=col_ok, other=0.0).to(dt).to(tl.float32)
+    gate = _rnd(tl.load(gate_ptr + cols, mask=col_ok, other=0.0), dt).to(tl.float32)
     res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    gated = (acc.to(dt).to(tl.float32) * gate[None, :]).to(dt).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], (res + gated).to(dt), mask=ok)
+    gated = _rnd(_rnd(acc, dt).to(tl.float32) * gate[None, :], dt).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], _rnd(res + gated, dt), mask=ok)
 
 
 @triton.jit
@@ -202,13 +217,13 @@ def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, M, N
         acc_g = acc_g * ws
         acc_u = acc_u * ws
     dt = out_ptr.dtype.element_ty
-    g = acc_g.to(dt).to(tl.float32)
-    u = acc_u.to(dt).to(tl.float32)
+    g = _rnd(acc_g, dt).to(tl.float32)
+    u = _rnd(acc_u, dt).to(tl.float32)
     z = GELU_C * (g + 0.044715 * g * g * g)
     tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)  # tanh(z), saturating correctly for large |z|
-    act = (0.5 * g * (1.0 + tanh)).to(dt).to(tl.float32)
+    act = _rnd(0.5 * g * (1.0 + tanh), dt).to(tl.float32)
     ok = (rows[:, None] < M) & (cols[None, :] < hidden)
-    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], (act * u).to(dt), mask=ok)
+    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], _rnd(act * u, dt), mask=ok)
 
 
 MASKED = -2.3819763e38  # openpi's big_neg, as the compile backend's key bias holds it
@@ -238,12 +253,12 @@ def _attention_split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr
     scores = _dot(q, k, tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32), IEEE)
     # as the eager attention: bf16 scores, then scaled and masked in fp32
     bias = tl.load(bias_ptr + b * S + ks, mask=k_ok, other=-2.3819763e38)
-    scores = scores.to(dt).to(tl.float32) * sm_scale + bias[None, :]
+    scores = _rnd(scores, dt).to(tl.float32) * sm_scale + bias[None, :]
     m = tl.max(scores, axis=1)
     p = tl.exp(scores - m[:, None])
     v = tl.load(v_ptr + kv, mask=k_ok[:, None], other=0.0)
     if IEEE:
-        acc = tl.dot(p.to(dt).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(_rnd(p, dt).to(tl.float32), v.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(p.to(dt), v)
     ws = split * R + rows  # workspace row of this split
@@ -273,7 +288,7 @@ def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, R, NSPLIT,
         part = tl.load(acc_ptr + (sp * R + rows)[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
         acc += w[:, None] * part
     out = acc / total[:, None]
-    tl.store(out_ptr + rows[:, None] * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    tl.store(out_ptr + rows[:, None] * HD + d[None, :], _rnd(out, out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
 
 _TUNED = {fn: triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(fn)
