@@ -9,7 +9,9 @@ kernels plus the attention (three inductor kernels, as in the inductor path):
   qkv_rope:       h = rms(x) * (1 + scale1) + shift1 (fp32 stats, each program recomputes its rows'
                   RMS: 10 x 1024 values from L2) -> h @ Wqkv^T -> RoPE on q and k -> q into a
                   (M, H * hd) buffer, k and v straight into the static KV cache after the prefix
-  attention:      q over [prefix K/V ; own K/V] (compiled matmul + softmax + matmul, unchanged)
+  attention:      q over [prefix K/V ; own K/V]: the compiled matmul + softmax + matmul (default), or
+                  with expert_attention="triton" a split-key kernel (one 64-key block and 16 query
+                  rows per program: a small accumulator at head_dim 256) and a kernel merging the splits
   gated_residual: x1 = x + gate1 * (attn @ Wo^T)
   geglu:          h = rms(x1) * (1 + scale2) + shift2 -> gelu_tanh(h @ Wg^T) * (h @ Wu^T)
   gated_residual: x2 = x1 + gate2 * (hidden @ Wd^T)
@@ -21,9 +23,11 @@ the `fp8` backend's expert MLP): they are converted to bf16 in registers after t
 the bytes streamed; the activations stay bf16 (weight-only quantization, unlike `_scaled_mm`).
 Roundings follow the eager model: each product rounds to the model dtype before its epilogue.
 
-On a GPU the kernels are autotuned over a few block shapes per (M, N, K) at warm-up. Without CUDA
-they run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how
-CI checks their maths on the CPU in fp32. `ExpertKernels` checks every kernel against its torch
+On a GPU the products are autotuned over a few block shapes per (M, N, K) at warm-up. Without CUDA
+the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), which is
+how CI checks their maths on the CPU, in fp32 and in bf16: the interpreter cannot multiply bf16 dot
+operands (they are multiplied as fp32 there: the same products and fp32 sums) and truncates casts to
+bf16 (`_rnd` rounds to nearest even by hand there), so its bf16 results equal the GPU's roundings. `ExpertKernels` checks every kernel against its torch
 reference on its first call (warm-up, before graph capture) and falls back to the reference, with a
 warning and a note in `status`, if the kernel fails to build or disagrees.
 
