@@ -31,8 +31,16 @@ from policy.pi05.weights import random_model
 
 
 def time_fn(fn, iters: int, warmup: int = 3) -> np.ndarray:
+    """Milliseconds of each of `iters` calls after `warmup`: CUDA events on a GPU, else the host clock."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():  # CPU (the benchmark's own test)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+        return np.asarray(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -112,20 +120,23 @@ def warmup_check(spec: str, batch: int, steps: int, prompt_tokens: int) -> dict:
     return {"backend": spec, "batch": batch, "steps": steps, "first_process_s": times[0], "second_process_s": times[1]}
 
 
-def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0: float) -> dict:
+def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0: float, warmup: int = 3) -> dict:
     """One backend at one shape: warm-up (from t0), p50/p95 of the full call and of each stage, peak
     memory, the actions, and the fused kernels' checks if it has any."""
+    cuda = inputs[4].device.type == "cuda"
     sampler = make_sampler(name, model, num_steps=steps, **options)
     actions = sampler(*inputs).float()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    full = time_fn(lambda: sampler(*inputs), iters)
-    parts = {k: time_fn(fn, iters) for k, fn in sampler.stages(*inputs).items()}
+    full = time_fn(lambda: sampler(*inputs), iters, warmup)
+    parts = {k: time_fn(fn, iters, warmup) for k, fn in sampler.stages(*inputs).items()}
     row = {
         "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
         **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
         **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
-        "warmup_s": warmup_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "actions": actions,
+        "warmup_s": warmup_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "actions": actions,
     }
     kernels = getattr(sampler, "kernel_status", None)  # fused kernels: their checks, and any fallback
     if kernels:
@@ -134,7 +145,7 @@ def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0:
 
 
 def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0, device="cuda",
-          on_row=None):
+          on_row=None, warmup: int = 3):
     """Rows of measurements (see the module docstring); `on_row(rows)` after each, e.g. to save them."""
     device = torch.device(device)
     model = random_model(config, seed=seed, device=device, dtype=torch.bfloat16)
@@ -146,18 +157,20 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
         for steps in steps_list:
             for spec in backends:
                 label, name, options = parse_backend(spec)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 if name == "fp8" and "calibration" not in options:
                     # calibrate on representative data (another draw of the benchmark's inputs), as a user would
                     options = dict(options, calibration=[example_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
                 try:
-                    row = measure(name, steps, options, model, inputs, iters, t0)
+                    row = measure(name, steps, options, model, inputs, iters, t0, warmup)
                 except Exception as exc:  # report and go on: one backend must not sink the table
                     rows.append({"backend": label, "batch": batch, "steps": steps, "error": f"{type(exc).__name__}: {exc}"})
                     print(f"{label} batch {batch} steps {steps}: {type(exc).__name__}: {exc}", flush=True)
-                    torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 actions = row.pop("actions")
                 if label == "eager":
@@ -167,6 +180,9 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
                 row = {"backend": label, "batch": batch, "steps": steps, **row,
                        "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
                        "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean())}
+                fallbacks = [k for k, v in row.get("kernels", {}).items() if v.startswith("fallback")]
+                if fallbacks:  # the numbers are then not the kernels': an error row (measurements kept in the JSON)
+                    row["error"] = f"fused kernels fell back to torch: {', '.join(fallbacks)} (see 'kernels')"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if on_row is not None:
@@ -189,7 +205,7 @@ def table(rows, gpu: str) -> str:
         d = lambda k: "-" if r.get(k) is None else f"{r[k]:.1e}"  # noqa: E731
         out.append(f"{r['backend']:<24} {r['batch']:>3} {r['steps']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
                    f"{r['vision_p50_ms']:>7.2f} {r['prefix_p50_ms']:>7.2f} {r['denoise_p50_ms']:>8.2f} "
-                   f"{r.get('speedup_vs_eager', float('nan')):>7.2f}x {r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} "
+                   f"{r.get('speedup_vs_eager', float('nan')):>7.2f}x {r['warmup_s']:>8.1f} {'-' if r['peak_gib'] is None else format(r['peak_gib'], '.2f'):>8} "
                    f"{d('max_abs_diff_vs_eager'):>8} {d('mean_abs_diff_vs_eager'):>8}")
     for r in rows:  # fused kernels: each one's check against its torch reference, and any fallback
         for kernel, status in r.get("kernels", {}).items():

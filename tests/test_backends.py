@@ -222,3 +222,30 @@ def test_tensorrt_stage_modules_equal_the_model(tiny, case):
     for i in range(2):
         assert (ks[i][valid] - cache.k[i][:, 0][valid]).abs().max() < 1e-5
         assert (vs[i][valid] - cache.v[i][:, 0][valid]).abs().max() < 1e-5
+
+
+def test_bench_rows_report_accuracy_kernel_checks_and_errors_and_go_on():
+    """The benchmark's plumbing on the CPU (the GPU run is rare): rows with stages and accuracy against
+    eager, the fused kernels' checks, an error row for a bad option, a row for a kernel that fell back."""
+    from policy import bench
+    from policy.backends import expert_triton as et
+
+    specs = ["eager", "compile:torch_compile=false/expert_kernels=triton", "compile:no_such_option=1"]
+    rows = bench.bench(specs, [1], [1], 24, 1, config="tiny", device="cpu", warmup=0)
+    eager, fused, bad = rows
+    assert eager["mean_abs_diff_vs_eager"] == 0 and {"vision_p50_ms", "prefix_p50_ms", "denoise_p50_ms"} <= set(eager)
+    assert fused["mean_abs_diff_vs_eager"] < 1e-2 and "error" not in fused
+    assert sorted(fused["kernels"]) == ["down_residual@10", "geglu@10", "o_residual@10", "qkv_rope@10"]
+    assert "no_such_option" in bad["error"]
+    text = bench.table(rows, "cpu")
+    assert "error: TypeError" in text and "geglu@10: ok" in text
+
+    def broken(*args):
+        raise RuntimeError("ptxas died")
+
+    et.KERNELS["geglu"], saved = (broken, et.geglu_reference), et.KERNELS["geglu"]
+    try:
+        (row,) = bench.bench(specs[1:2], [1], [1], 24, 1, config="tiny", device="cpu", warmup=0)
+    finally:
+        et.KERNELS["geglu"] = saved
+    assert "fell back" in row["error"] and row["kernels"]["geglu@10"].startswith("fallback: RuntimeError: ptxas died")
