@@ -91,9 +91,7 @@ def attention(q, k, v, bias, heads: int, impl: str):
     return mqa_attention(q, k, v, bias).reshape(b, rows // heads, heads * hd)
 
 
-def attention_fn(q, k, v, bias, *, heads: int, impl: str):
-    """`attention` with keyword-only options (what the fused expert kernels call between products)."""
-    return attention(q, k, v, bias, heads, impl)
+attention_fn = attention  # CompiledSampler's `attention` argument (a name) hides the function there
 
 
 # ----- the layer functions that get compiled (weights are arguments: one compile serves all layers) -----
@@ -231,7 +229,7 @@ class CompiledSampler:
             "out": functools.partial(suffix_out, eps=eps),
         }
         if expert_kernels == "triton" and expert_attention == "compiled":
-            fns["attention"] = functools.partial(attention_fn, heads=heads, impl=self._impl)
+            fns["attention"] = functools.partial(attention_fn, heads=heads, impl=self._impl)  # between the kernels
         if torch_compile:
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, mode=compile_mode) for k, f in fns.items()}
         self._fn = fns
