@@ -233,3 +233,10 @@ def test_bf16_sampler_with_triton_expert_kernels_stays_as_close_to_eager_as_the_
         print(f"bf16 vs eager, tiny, 3 steps: inductor path {base:.2e}, triton kernels ({attention} attention) {err:.2e}")
         assert err <= 1.5 * base + 1e-4, (attention, err, base)
         assert all(s.startswith("ok") for s in fused.kernel_status.values()), fused.kernel_status
+
+
+def test_autotune_skips_64_row_blocks_for_one_observation():
+    full = et.CONFIGS
+    assert et.prune_configs(full, {}, M=10) == [c for c in full if c.kwargs["BLOCK_M"] == 16]
+    assert et.prune_configs(full, {"M": 10}) == et.prune_configs(full, {}, M=10)  # older Triton: positional args
+    assert et.prune_configs(full, {}, M=160) == full and et.prune_configs(full, {}) == full

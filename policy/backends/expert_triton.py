@@ -54,7 +54,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GELU_C = math.sqrt(2.0 / math.pi)
 
 # Block shapes tried at warm-up on a GPU (autotune keyed on M, N, K). BLOCK_N 16/32 gives 64-256
-# programs per product at N = 1024-8192 for the H200's 132 SMs; BLOCK_M 64 is for batch 16 (160 rows).
+# programs per product at N = 1024-8192 for the H200's 132 SMs; BLOCK_M 64 is for batch 16 (160 rows)
+# and is not even compiled for one observation (10 rows): see prune_configs.
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=3),
@@ -131,7 +132,7 @@ def _stream(a_ptr, w_ptr, rows, cols1, cols2, M, N, K, rstd, scale_ptr, shift_pt
     return acc1, acc2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
 def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                      M, N, K, T, KEYS, prefix_len, eps,
                      NQ: tl.constexpr, HD: tl.constexpr, W_FP8: tl.constexpr, IEEE: tl.constexpr,
@@ -180,7 +181,7 @@ def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, s
             tl.store(v_ptr + kv + HD // 2, o2, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
 def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr, M, N, K,
                            W_FP8: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -203,7 +204,7 @@ def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], _rnd(res + gated, dt), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
 def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, M, N, K, eps,
                   W_FP8: tl.constexpr, IEEE: tl.constexpr, GELU_C: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -295,7 +296,15 @@ def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, R, NSPLIT,
     tl.store(out_ptr + rows[:, None] * HD + d[None, :], _rnd(out, out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
 
-_TUNED = {fn: triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(fn)
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune's early pruning: at most 16 rows (batch 1) need no 64-row blocks (fewer compiles at warm-up)."""
+    m = kwargs.get("M", named_args.get("M") if isinstance(named_args, dict) else None)
+    if m is None or m > 16:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= 16] or configs
+
+
+_TUNED = {fn: triton.autotune(configs=CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune_configs})(fn)
           for fn in (_qkv_rope_kernel, _gated_residual_kernel, _geglu_kernel)}
 
 
