@@ -122,19 +122,30 @@ def _time_us(fn) -> float:
         return 1000 * triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
+@pytest.fixture(scope="module")
+def expert0(big):
+    """The fused weights of the first expert layer (as the compile backend holds them)."""
+    from policy.backends.fused import ExpertWeights
+
+    layer = big.expert.layers[0]
+    a, mlp = layer.self_attn, layer.mlp
+    return ExpertWeights(qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), o=a.o_proj.weight,
+                         gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight)
+
+
 @pytest.mark.parametrize("rows", [10, 160])  # batch 1 and batch 16 x 10 action tokens
 @pytest.mark.parametrize("mlp_fp8", [False, True])
-def test_triton_expert_kernels_match_torch_at_real_size(big, cuda, rows, mlp_fp8):
+def test_triton_expert_kernels_match_torch_at_real_size(big, cuda, expert0, rows, mlp_fp8):
     """Each kernel against its torch reference (the same fusion with cuBLAS and pointwise ops), bf16,
     real sizes, the weights of the first expert layer; prints both times."""
     from policy.backends import expert_triton as et
     from policy.backends.compiled import MASKED
     from policy.backends.fp8 import E4M3_MAX, Fp8Matrix, quantize
-    from policy.backends.fused import fused_weights, precompute_modulations
+    from policy.backends.fused import precompute_modulations
     from policy.pi05.gemma import rope_cos_sin
 
     cfg = big.config
-    w = fused_weights(big)["expert"][0]
+    w = expert0
     if mlp_fp8:  # as the fp8 backend quantizes the expert MLP
         def fp8(m):
             s = (m.abs().amax().float() / E4M3_MAX).reshape(())
