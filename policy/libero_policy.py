@@ -190,8 +190,9 @@ class Pi05Policy:
             noise = torch.cat([noise, noise.new_zeros(padded - b, *noise.shape[1:])])
         dev = self.device
         images = [torch.from_numpy(x).to(dev, non_blocking=True) for x in images]
-        masks = [torch.from_numpy(m).to(dev) for m in masks]
-        tokens, token_masks = torch.from_numpy(tokens).to(dev), torch.from_numpy(token_masks).to(dev)
+        # masks stay on the host: samplers read the batch's shape there, so the call never waits on the GPU
+        masks = [torch.from_numpy(m) for m in masks]
+        tokens, token_masks = torch.from_numpy(tokens).to(dev), torch.from_numpy(token_masks)
         guide = self._guide(batch, padded) if "prev_actions" in batch else None
         extra = {"guide": guide} if guide is not None else {}
         actions = self.sampler(images, masks, tokens, token_masks, noise, **extra)[:b].float().cpu().numpy()

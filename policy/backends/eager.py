@@ -1,4 +1,4 @@
-"""The reference backend: the model's own PyTorch code, op by op."""
+"""The reference backend: the model's own PyTorch code, op by op (policy/pi05/model.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ class EagerSampler:
         self.model = model
         self.num_steps = int(num_steps)
         euler_times(self.num_steps)  # validates
+        self.device = model.llm.embed_tokens.weight.device
+
+    def _masks(self, image_masks, token_masks):
+        """Masks on the model's device (callers may pass host masks, as the compiled backends prefer)."""
+        image_masks = [torch.as_tensor(m).to(self.device) for m in as_slots(image_masks, "image_masks")]
+        return image_masks, torch.as_tensor(token_masks).to(self.device)
 
     @torch.no_grad()
     def encode(self, images, image_masks, tokens, token_masks) -> PrefixCache:
+        image_masks, token_masks = self._masks(image_masks, token_masks)
         return self.model.prefill(self.model.embed_prefix(images, image_masks, tokens, token_masks))
 
     def denoise(self, cache: PrefixCache, noise: torch.Tensor, guide: Guide | None = None) -> torch.Tensor:
@@ -34,13 +41,16 @@ class EagerSampler:
             x = x + dt * v
         return x
 
-    def stages(self, images, image_masks, tokens, token_masks, noise) -> dict:
-        """Callables that each run one stage alone on prepared inputs (for the benchmark)."""
+    def stages(self, images, image_masks, tokens, token_masks, noise, *, graphs: bool = True) -> dict:
+        """Callables that each run one stage alone on prepared inputs (for the benchmark); eager has no
+        graphs, so `graphs` changes nothing."""
         m = self.model
-        images, image_masks = as_slots(images, "images"), as_slots(image_masks, "image_masks")
+        images = as_slots(images, "images")
+        image_masks, token_masks = self._masks(image_masks, token_masks)
         present = [img for img, mask in zip(images, image_masks) if bool(mask.any())]
-        prefix = m.embed_prefix(images, image_masks, tokens, token_masks)
-        cache = m.prefill(prefix)
+        with torch.no_grad():
+            prefix = m.embed_prefix(images, image_masks, tokens, token_masks)
+            cache = m.prefill(prefix)
         no_grad = torch.no_grad()
         return {
             "vision": no_grad(lambda: m.embed_images(present)),
