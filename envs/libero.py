@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -40,6 +40,10 @@ class LiberoEnv(gym.Env):
 
     `options` may also carry `task_id` to switch this environment to another task of its suite (the
     simulator is rebuilt), which lets a pool of worker processes run every task of a suite.
+
+    Reset hooks (`add_reset_hook`) run after the init state is loaded and before the settle steps; the
+    perturbation wrappers in envs/perturb/ use them to move the robot or objects, the camera or the
+    lights. With no hook set, reset is exactly openpi's.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -88,8 +92,10 @@ class LiberoEnv(gym.Env):
         self.task_id = -1
         self._load_task(int(task_id))
         self.init_state_id = 0
+        self.episode_seed = self.default_seed  # the seed of the current episode (reset's, else default)
         self._step = 0
         self._raw: dict[str, np.ndarray] | None = None
+        self._reset_hooks: list[Callable[[LiberoEnv], bool]] = []
 
     # ----- task switching -------------------------------------------------------------------------
     def _load_task(self, task_id: int) -> None:
@@ -118,6 +124,29 @@ class LiberoEnv(gym.Env):
     def num_init_states(self) -> int:
         return len(self._init_states)
 
+    @property
+    def robosuite_env(self):
+        """LIBERO's robosuite environment for the current task (MuJoCo model and data at `.sim`), for
+        perturbations and tests. It is rebuilt on every reset (hard reset) and on a task switch."""
+        return self._sim.env
+
+    # ----- reset hooks --------------------------------------------------------------------------------
+    def add_reset_hook(self, hook: Callable[[LiberoEnv], bool]) -> None:
+        """Call `hook(env)` on every reset, after the init state is loaded and before the settle steps.
+
+        Hooks run in the order they were added. The hook may change the MuJoCo model or state (then it
+        must call `sim.forward()`) and returns True if it changed anything: with `settle_steps=0` the
+        observation is then re-read, so that it shows the change. `env.suite`, `task_id`, `init_state_id`
+        and `episode_seed` already name the new episode when a hook runs.
+        """
+        if not callable(hook):
+            raise TypeError(f"a reset hook must be callable, got {hook!r}")
+        self._reset_hooks.append(hook)
+
+    def remove_reset_hook(self, hook: Callable[[LiberoEnv], bool]) -> None:
+        """Undo `add_reset_hook` (a ValueError if `hook` was never added)."""
+        self._reset_hooks.remove(hook)
+
     # ----- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -133,11 +162,19 @@ class LiberoEnv(gym.Env):
                 f"{self.num_init_states} initial states (0..{self.num_init_states - 1})"
             )
         self.init_state_id = k
+        self.episode_seed = self.default_seed if seed is None else int(seed)
         # LIBERO's env.seed seeds NumPy's global generator (placement sampling); reseeding on every
         # reset makes an episode depend only on (task, init state, seed), not on what ran before.
-        self._sim.seed(self.default_seed if seed is None else int(seed))
+        self._sim.seed(self.episode_seed)
         self._sim.reset()
         self._raw = self._sim.set_init_state(self._init_states[k])
+        changed = False
+        for hook in self._reset_hooks:
+            changed = bool(hook(self)) or changed
+        if changed and self.settle_steps == 0:
+            # The settle steps would render the changed scene; without them, render it here.
+            self._sim.env._update_observables(force=True)
+            self._raw = self._sim.env._get_observations()
         for _ in range(self.settle_steps):
             self._raw, _, _, _ = self._sim.step(SETTLE_ACTION.tolist())
         self._step = 0
