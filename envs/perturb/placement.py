@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.privileged import _bboxes, _subtree_bodies
+from envs.privileged import bboxes, subtree_bodies
 
 DEPTH_TOLERANCE_M = 1e-3
 SUPPORT_TOLERANCE_M = 1e-2
@@ -45,12 +45,12 @@ def new_contacts(baseline: dict[int, float], now: dict[int, float]) -> list[int]
 
 
 def subtree(model, root_body: int) -> list[int]:
-    return _subtree_bodies(model, root_body)
+    return subtree_bodies(model, root_body)
 
 
 def footprint(model, data, bodies: list[int]) -> np.ndarray:
     """(x_min, y_min, x_max, y_max) of the bodies' collision geoms."""
-    lo, hi, _ = _bboxes(model, data, bodies)
+    lo, hi, _ = bboxes(model, data, bodies)
     return np.array([lo[0], lo[1], hi[0], hi[1]])
 
 
@@ -62,7 +62,7 @@ def support(model, data, root_body: int) -> tuple[int, float]:
     """(root body hit, height hit) by a ray cast down from the centre of the body's box; (-1, nan) if none."""
     import mujoco
 
-    lo, hi, _ = _bboxes(model, data, _subtree_bodies(model, root_body))
+    lo, hi, _ = bboxes(model, data, subtree_bodies(model, root_body))
     start = (lo + hi) / 2
     geom = np.zeros(1, dtype=np.int32)
     dist = mujoco.mj_ray(model, data, start, np.array([0.0, 0.0, -1.0]), None, 1, root_body, geom)
