@@ -122,6 +122,33 @@ def family(name: str) -> str:
     return "other"
 
 
+# Probe errors -> one short cause per kind (the full error stays in the JSON).
+_CAUSES = (
+    (r"task file (.+?) is not installed", "task files not installed (e.g. libero/libero/bddl_files/{})"),
+    (r"No such file or directory: '?(\S*custom_objects/\S+?\.xml)", "object model not installed ({})"),
+    (r"Initialization states unavailable: (\S+?)\.? Run", "init states not installed (e.g. {})"),
+    (r"init states file holds no states", "init states file is empty"),
+)
+
+
+def cause(error: str) -> str:
+    """The short reason a task fails, for the table and for envs/suites.py's error messages."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from libero.libero import get_libero_path
+    for pattern, key in ((r"task file (.+?)/(.+?) is not installed", "bddl_files"),
+                         (r"Initialization states unavailable: \S*init_files/(.+?)/(.+?)\.? Run", "init_states")):
+        m = re.search(pattern, error)
+        if m and not os.path.isdir(os.path.join(get_libero_path(key), m.group(1))):
+            what = "task files" if key == "bddl_files" else "init states"
+            folder = "bddl_files" if key == "bddl_files" else "init_files"
+            return f"{what} not installed (no folder libero/libero/{folder}/{m.group(1)}/)"
+    for pattern, text in _CAUSES:
+        m = re.search(pattern, error)
+        if m:
+            return text.format(*m.groups())
+    return error
+
+
 def _summary(r: dict) -> dict:
     tasks = r["tasks"]
     ok = [t for t in tasks if t["ok"]]
@@ -129,7 +156,14 @@ def _summary(r: dict) -> dict:
     errors: dict[str, list[int]] = {}
     for t in tasks:
         if not t["ok"]:
-            errors.setdefault(t["error"], []).append(t["task_id"])
+            c = cause(t["error"])
+            key = c.split(" (e.g.")[0] if "(e.g." in c else c  # one row per kind, with the first example
+            errors.setdefault(key, [])
+            if not errors[key]:
+                errors[key + "\0"] = [c]  # remember the first example
+            errors[key].append(t["task_id"])
+    examples = {k[:-1]: v[0] for k, v in errors.items() if k.endswith("\0")}
+    errors = {examples.get(k, k): ids for k, ids in errors.items() if not k.endswith("\0")}
     return {"ok": len(ok), "counts": counts, "errors": errors}
 
 
@@ -154,7 +188,7 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
         s = _summary(r)
         counts = "-" if not s["counts"] else "/".join(str(c) for c in s["counts"])
         render = "-" if r["render"] is None else ("yes" if r["render"]["ok"] else "NO: " + r["render"]["error"])
-        why = "; ".join(f"tasks {_ids(ids)}: {err}" for err, ids in s["errors"].items()) or ""
+        why = "; ".join(f"{_ids(ids, r['num_tasks'])}: {err}" for err, ids in s["errors"].items()) or ""
         if r["num_tasks"] == 0:
             why = "the registry lists no tasks for it"
         lines.append(f"| {r['suite']} | {family(r['suite'])} | {r['num_tasks']} | {s['ok']} | {counts} | {render} | "
@@ -167,8 +201,10 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _ids(ids: list[int]) -> str:
-    return ",".join(str(i) for i in ids) if len(ids) < 6 else f"{ids[0]}..{ids[-1]} ({len(ids)})"
+def _ids(ids: list[int], total: int) -> str:
+    if len(ids) == total:
+        return "all tasks"
+    return "task " + ",".join(str(i) for i in ids) if len(ids) < 6 else f"tasks {ids[0]}..{ids[-1]} ({len(ids)})"
 
 
 def main(argv=None) -> None:
@@ -178,9 +214,15 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=Path, default=REPO / "docs" / "libero-pro-suites.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: probe one suite, print JSON
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per suite")
+    p.add_argument("--render-only", action="store_true", help="rewrite the table from the JSON, probe nothing")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(probe_suite(args.one)))
+        return
+    if args.render_only:
+        data = json.loads(args.json.read_text())
+        write_markdown(data["suites"], args.out, data["meta"])
+        print(f"wrote {args.out}")
         return
 
     import importlib.metadata as md
