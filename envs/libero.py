@@ -7,6 +7,7 @@ to 224, the 8-D state (eef position, eef axis-angle, gripper qpos) and `task.lan
 
 Only LIBERO's upstream API is used (`libero.libero.benchmark`, `libero.libero.envs.OffScreenRenderEnv`),
 so any LIBERO install works. robosuite is imported lazily, after the OpenGL backend is chosen.
+Any suite of envs/suites.py runs, the LIBERO-PRO variants included (see `task_prompt` for their prompt).
 """
 
 from __future__ import annotations
@@ -33,6 +34,30 @@ def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     if math.isclose(den, 0.0):
         return np.zeros(3)
     return np.asarray(quat_xyzw[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
+
+
+def task_prompt(suite: str, task, language_instruction: str) -> str:
+    """The instruction the policy gets: openpi's `task.language` (made from the task's file name), except
+    where a LIBERO-PRO variant changed the instruction inside the task file.
+
+    LIBERO-PRO's `_lan` and `_task` suites keep the base task's file names, so their `task.language` is
+    the *base* instruction; their own ("lift the black bowl ... and set it on the plate", or another task
+    altogether) is only the file's `:language`, which LIBERO-PRO's runner sends. So: where the variant's
+    `:language` differs from that of the base suite's file of the same name, send it; otherwise (the
+    standard suites, scene-only variants like `_swap` or `_with_mug`) send `task.language`, as openpi does.
+    """
+    from envs.suites import base_suite
+
+    base = base_suite(suite)
+    if base == suite:
+        return task.language
+    from libero.libero import get_libero_path
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    base_file = os.path.join(get_libero_path("bddl_files"), base, task.bddl_file)
+    if os.path.isfile(base_file) and get_problem_info(base_file)["language_instruction"] != language_instruction:
+        return str(language_instruction)
+    return task.language
 
 
 class LiberoEnv(gym.Env):
@@ -117,7 +142,7 @@ class LiberoEnv(gym.Env):
             horizon=self.settle_steps + self.max_steps + 10,
         )
         self.task_id = task_id
-        self.task = task.language  # what openpi sends as the prompt (not env.language_instruction)
+        self.task = task_prompt(self.suite, task, self._sim.language_instruction)
         self._init_states = np.asarray(self._benchmark.get_task_init_states(task_id))
 
     @property
