@@ -207,7 +207,7 @@ def test_robot_init_noise_moves_the_arm_not_the_objects(env, reference):
         got = _rollout(w)
         applied = perturbations(w)[0].applied
     offset = applied["joint_offset_rad"]
-    assert applied["scale"] > 0 and 0 < np.abs(offset).max() <= 0.10 * applied["scale"] + 1e-12
+    assert applied["scale"] > 0 and 0 < np.abs(offset).max() <= 0.20 * applied["scale"] + 1e-12  # 0.2 rad
     assert np.abs(got["qpos"] - reference["qpos"]).max() > 0.01  # still off after the settle steps
     assert np.abs(got["obs"][0]["state"][:3] - reference["obs"][0]["state"][:3]).max() > 0.005  # eef moved
     for name, pos in reference["objects"].items():

@@ -9,7 +9,8 @@ Severity s maps to (each kind can be left out with `kinds`):
            55 at s = 0.5)
 
 Applied to `obs["image"]` and `obs["wrist_image"]` (the `views`) after the environment has made them;
-the state, the physics, `render()` and the videos a runner writes from `render()` are unchanged. Noise
+the state, the physics and `render()` are unchanged (the runner's videos, made from the observations,
+show the corrupted frames: what the policy saw). Noise
 is drawn from a generator seeded per episode and advanced once per frame, so an episode's noise depends
 only on (seed, task, init state) and the step number. NumPy and PIL only.
 """
