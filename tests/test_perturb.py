@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,9 +56,8 @@ def test_hydra_group_composes_to_specs_wrap_accepts():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tests.helpers import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         none = compose(config_name="evaluate", overrides=["+perturb=none"])
         assert normalize_specs(OmegaConf.to_container(none.perturb, resolve=True)) == []
         both = compose(config_name="evaluate", overrides=["+perturb=[lighting,camera]", "perturb.camera.severity=1.0"])
