@@ -7,6 +7,7 @@ to 224, the 8-D state (eef position, eef axis-angle, gripper qpos) and `task.lan
 
 Only LIBERO's upstream API is used (`libero.libero.benchmark`, `libero.libero.envs.OffScreenRenderEnv`),
 so any LIBERO install works. robosuite is imported lazily, after the OpenGL backend is chosen.
+Any suite of envs/suites.py runs, the LIBERO-PRO variants included (see `task_prompt` for their prompt).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -41,6 +42,30 @@ def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
 CAMERAS = ("agentview", "robot0_eye_in_hand")  # LIBERO's agent view and wrist camera, as openpi uses them
 
 
+def task_prompt(suite: str, task, language_instruction: str) -> str:
+    """The instruction the policy gets: openpi's `task.language` (made from the task's file name), except
+    where a LIBERO-PRO variant changed the instruction inside the task file.
+
+    LIBERO-PRO's `_lan` and `_task` suites keep the base task's file names, so their `task.language` is
+    the *base* instruction; their own ("lift the black bowl ... and set it on the plate", or another task
+    altogether) is only the file's `:language`, which LIBERO-PRO's runner sends. So: where the variant's
+    `:language` differs from that of the base suite's file of the same name, send it; otherwise (the
+    standard suites, scene-only variants like `_swap` or `_with_mug`) send `task.language`, as openpi does.
+    """
+    from envs.suites import base_suite
+
+    base = base_suite(suite)
+    if base == suite:
+        return task.language
+    from libero.libero import get_libero_path
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    base_file = os.path.join(get_libero_path("bddl_files"), base, task.bddl_file)
+    if os.path.isfile(base_file) and get_problem_info(base_file)["language_instruction"] != language_instruction:
+        return str(language_instruction)
+    return task.language
+
+
 class LiberoEnv(gym.Env):
     """One LIBERO task. `reset(options={"init_state_id": k})` starts from the task's k-th fixed initial state.
 
@@ -53,6 +78,10 @@ class LiberoEnv(gym.Env):
     step's pixels are exactly those of an env that renders every step: robosuite samples a camera
     at a fixed sub-step of each control step, and only the render call itself is skipped, not that
     sampling schedule.
+
+    Reset hooks (`add_reset_hook`) run after the init state is loaded and before the settle steps; the
+    perturbation wrappers in envs/perturb/ use them to move the robot or objects, the camera or the
+    lights. With no hook set, reset is exactly openpi's.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -106,8 +135,10 @@ class LiberoEnv(gym.Env):
         self.task_id = -1
         self._load_task(int(task_id))
         self.init_state_id = 0
+        self.episode_seed = self.default_seed  # the seed of the current episode (reset's, else default)
         self._step = 0
         self._raw: dict[str, np.ndarray] | None = None
+        self._reset_hooks: list[Callable[[LiberoEnv], bool]] = []
 
     # ----- task switching -------------------------------------------------------------------------
     def _load_task(self, task_id: int) -> None:
@@ -130,7 +161,7 @@ class LiberoEnv(gym.Env):
         )
         self._gate_cameras()
         self.task_id = task_id
-        self.task = task.language  # what openpi sends as the prompt (not env.language_instruction)
+        self.task = task_prompt(self.suite, task, self._sim.language_instruction)
         self._init_states = np.asarray(self._benchmark.get_task_init_states(task_id))
 
     def _gate_cameras(self) -> None:
@@ -164,6 +195,29 @@ class LiberoEnv(gym.Env):
     def num_init_states(self) -> int:
         return len(self._init_states)
 
+    @property
+    def robosuite_env(self):
+        """LIBERO's robosuite environment for the current task (MuJoCo model and data at `.sim`), for
+        perturbations and tests. It is rebuilt on every reset (hard reset) and on a task switch."""
+        return self._sim.env
+
+    # ----- reset hooks --------------------------------------------------------------------------------
+    def add_reset_hook(self, hook: Callable[[LiberoEnv], bool]) -> None:
+        """Call `hook(env)` on every reset, after the init state is loaded and before the settle steps.
+
+        Hooks run in the order they were added. The hook may change the MuJoCo model or state (then it
+        must call `sim.forward()`) and returns True if it changed anything: with `settle_steps=0` the
+        observation is then re-read, so that it shows the change. `env.suite`, `task_id`, `init_state_id`
+        and `episode_seed` already name the new episode when a hook runs.
+        """
+        if not callable(hook):
+            raise TypeError(f"a reset hook must be callable, got {hook!r}")
+        self._reset_hooks.append(hook)
+
+    def remove_reset_hook(self, hook: Callable[[LiberoEnv], bool]) -> None:
+        """Undo `add_reset_hook` (a ValueError if `hook` was never added)."""
+        self._reset_hooks.remove(hook)
+
     # ----- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -179,15 +233,23 @@ class LiberoEnv(gym.Env):
                 f"{self.num_init_states} initial states (0..{self.num_init_states - 1})"
             )
         self.init_state_id = k
+        self.episode_seed = self.default_seed if seed is None else int(seed)
         # LIBERO's env.seed seeds NumPy's global generator (placement sampling); reseeding on every
         # reset makes an episode depend only on (task, init state, seed), not on what ran before.
-        self._sim.seed(self.default_seed if seed is None else int(seed))
+        self._sim.seed(self.episode_seed)
         self._sim.reset()
         self._gate_cameras()  # a hard reset made new camera sensors
         render = self._render
         # Only the observation reset returns is looked at: render for it alone.
         self._render = render and self.settle_steps == 0
         self._raw = self._sim.set_init_state(self._init_states[k])
+        changed = False
+        for hook in self._reset_hooks:
+            changed = bool(hook(self)) or changed
+        if changed and self.settle_steps == 0:
+            # The settle steps would render the changed scene; without them, render it here.
+            self._sim.env._update_observables(force=True)
+            self._raw = self._sim.env._get_observations()
         for i in range(self.settle_steps):
             self._render = render and i == self.settle_steps - 1
             self._raw, _, _, _ = self._sim.step(SETTLE_ACTION.tolist())

@@ -8,7 +8,7 @@ import pytest
 
 import envs
 from envs.libero import LiberoEnv
-from envs.suites import SUITES
+from envs.suites import STANDARD_SUITES, SUITES
 
 
 def _check_obs(obs, size=224):
@@ -19,7 +19,7 @@ def _check_obs(obs, size=224):
     assert np.all(np.isfinite(obs["state"]))
 
 
-@pytest.mark.parametrize("suite", list(SUITES))
+@pytest.mark.parametrize("suite", STANDARD_SUITES)  # LIBERO-PRO suites: tests/test_suites.py
 def test_task0_of_every_suite_makes_resets_and_steps(suite):
     env = gym.make(envs.ENV_ID, suite=suite, task_id=0)
     try:
