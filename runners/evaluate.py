@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from envs.suites import INIT_STATES_PER_TASK, check_task_id, get_suite
+from envs.suites import check_task_id, get_suite
 from runners import CONF_DIR
 from runners.build import build_policy, explicit_overrides, is_remote, policy_identity
 from runners.chunking import check_chunking
@@ -60,22 +60,38 @@ def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
 
 
 def plan_episodes(cfg: DictConfig) -> list[Episode]:
-    """Every (task, init state) the config asks for, after checking the ids against the suite."""
+    """Every (task, init state) the config asks for, after checking the ids against the suite (a
+    LIBERO-PRO suite may lack tasks or have fewer init states: envs/suites.py)."""
     suite = get_suite(cfg.suite)
-    tasks = list(range(suite.num_tasks)) if cfg.tasks is None else [int(t) for t in cfg.tasks]
+    tasks = list(suite.task_ids) if cfg.tasks is None else [int(t) for t in cfg.tasks]
     for t in tasks:
         check_task_id(suite.name, t)
+    n = suite.init_states
     if cfg.init_states is not None:
         states = [int(k) for k in cfg.init_states]
     else:
-        if not 1 <= int(cfg.episodes) <= INIT_STATES_PER_TASK:
-            raise ValueError(f"episodes must be 1..{INIT_STATES_PER_TASK} (LIBERO's init states per task), "
-                             f"got {cfg.episodes}")
+        if not 1 <= int(cfg.episodes) <= n:
+            raise ValueError(f"episodes must be 1..{n} ({suite.name}'s init states per task), got {cfg.episodes}")
         states = list(range(int(cfg.episodes)))
-    bad = [k for k in states if not 0 <= k < INIT_STATES_PER_TASK]
+    bad = [k for k in states if not 0 <= k < n]
     if bad:
-        raise ValueError(f"init_states {bad} out of range: LIBERO tasks have init states 0..{INIT_STATES_PER_TASK - 1}")
+        raise ValueError(f"init_states {bad} out of range: {suite.name} tasks have init states 0..{n - 1}")
     return [Episode(suite.name, t, k, int(cfg.seed)) for t in tasks for k in states]
+
+
+def perturb_specs(cfg: DictConfig) -> list[dict]:
+    """The `perturb` group (conf/perturb/) as envs.perturb specs, checked; `perturb.severity`, when set,
+    is every selected kind's severity."""
+    from envs.perturb import normalize_specs
+
+    group = dict(OmegaConf.to_container(cfg.get("perturb") or {}, resolve=True))
+    shared = group.pop("severity", None)
+    if shared is not None:
+        group = {name: {**spec, "severity": shared} for name, spec in group.items()}
+    if shared is not None and not group:
+        raise ValueError(f"perturb.severity={shared} but no perturbation is selected: add perturb=<kind> "
+                         f"(camera, lighting, image, robot_init, object_init, language)")
+    return normalize_specs(group)
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -134,6 +150,12 @@ def _remote_settings(cfg: DictConfig, policy) -> None:
             cfg[key] = served  # None when the server does not say
 
 
+def perturb_stamp(specs: list[dict]) -> dict[str, Any]:
+    """What a result line records of the perturbations: their names and severities."""
+    return {"perturb": "+".join(s["name"] for s in specs) or "none",
+            "severity": {s["name"]: s["severity"] for s in specs}}
+
+
 def resolve_num_envs(value) -> int:
     """`num_envs`: a number, or `auto`: one simulator process per CPU core but one (kept for the policy
     and the loop), at least 1. Measured on a 16-core H200 box (docs/benchmarks/, README's GPU section)."""
@@ -163,6 +185,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     out = Path(out_dir) if out_dir is not None else _output_dir(cfg)
     episodes = plan_episodes(cfg)
     settings = loop_settings(cfg)  # a bad execution, latency or chunking setting fails here
+    specs = perturb_specs(cfg)
     check_chunking(settings.replan, settings.chunking, None)
     resolve_num_envs(cfg.num_envs)
     render_environ(cfg.render_device)
@@ -202,14 +225,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         recorder = VideoRecorder(out / "videos", videos=cfg.videos, fps=int(cfg.video_fps), tag=chash[:8])
         progress = None
         stamp = {"git_commit": start.get("git_commit") or start.get("package_version"),
-                 "checkpoint_sha256": (identity or {}).get("checkpoint_sha256")}
+                 "checkpoint_sha256": (identity or {}).get("checkpoint_sha256"), **perturb_stamp(specs)}
         pool = None
         try:
             t0 = time.perf_counter()
             num_envs = min(resolve_num_envs(cfg.num_envs), len(todo))
             print(f"Starting {num_envs} simulator worker(s) for {len(todo)} episode(s) of {cfg.suite}...", file=sys.stderr)
             environ = render_environ(cfg.render_device, getattr(policy, "device", None))
-            pool = EnvPool(num_envs, env_kwargs, cfg.vectorization, wait=False, environ=environ,
+            pool = EnvPool(num_envs, env_kwargs, cfg.vectorization, wait=False, environ=environ, perturb=specs,
                            **({"make_env": make_env} if make_env is not None else {}))
             if hasattr(policy, "prepare"):  # compiles while the simulator workers start
                 prepared = policy.prepare(pool.num_envs)
@@ -241,6 +264,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         "config_hash": chash,
         "policy_name": policy_name(cfg),
         "policy_identity": identity,
+        **perturb_stamp(specs),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(),
         "run": startup,  # this invocation's start-up parts, loop time and phases (runners/bench_eval.py)

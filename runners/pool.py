@@ -70,8 +70,12 @@ def make_worker_env(env_kwargs: dict[str, Any]):
 class SlotEnv:
     """One slot's environment and its command handling (inside the worker, or in-process for sync)."""
 
-    def __init__(self, make_env: Callable, env_kwargs: dict[str, Any]):
+    def __init__(self, make_env: Callable, env_kwargs: dict[str, Any], perturb: list[dict] | None = None):
         self.env = make_env(dict(env_kwargs))
+        if perturb:
+            from envs.perturb import wrap
+
+            self.env = wrap(self.env, perturb)
         self.base = self.env.unwrapped
 
     def _obs(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -112,11 +116,11 @@ class SlotEnv:
         self.env.close()
 
 
-def _worker(conn, make_env, env_kwargs, slot: int, environ: dict[str, str]) -> None:
+def _worker(conn, make_env, env_kwargs, slot: int, environ: dict[str, str], perturb: list[dict]) -> None:
     """A worker process: builds its env, then answers commands until told to close."""
     os.environ.update(environ)  # before robosuite is imported: it reads MUJOCO_GL/MUJOCO_EGL_DEVICE_ID once
     try:
-        env = SlotEnv(make_env, env_kwargs)
+        env = SlotEnv(make_env, env_kwargs, perturb)
     except Exception as exc:
         conn.send(("failed", _error_text(exc)))
         conn.close()
@@ -145,10 +149,11 @@ class EnvPool:
 
     def __init__(self, num_envs: int, env_kwargs: dict[str, Any], vectorization: str = "async",
                  make_env: Callable = make_worker_env, start_timeout_s: float = 600.0, wait: bool = True,
-                 environ: dict[str, str] | None = None):
+                 environ: dict[str, str] | None = None, perturb: list[dict] | None = None):
         """Starts the workers; with `wait=False` returns at once (the caller does other start-up work,
         e.g. compiling the policy) and `wait_ready()` must be called before the first command.
-        `environ`: variables set in each worker before it imports the simulator (render_environ)."""
+        `environ`: variables set in each worker before it imports the simulator (render_environ);
+        `perturb`: envs.perturb specs wrapped around every slot's env."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if vectorization not in VECTORIZATIONS:
@@ -162,8 +167,9 @@ class EnvPool:
         self._ready = False
         self._timeout_s = start_timeout_s
         self._environ = dict(environ or {})
+        self._perturb = list(perturb or [])
         if self.sync:
-            self._inline = [SlotEnv(make_env, env_kwargs) for _ in range(num_envs)]
+            self._inline = [SlotEnv(make_env, env_kwargs, self._perturb) for _ in range(num_envs)]
             self._ready = True
         else:
             self._spawn(make_env, env_kwargs)
@@ -174,7 +180,8 @@ class EnvPool:
         ctx = mp.get_context("spawn")
         for i in range(self.num_envs):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, make_env, dict(env_kwargs), i, self._environ), daemon=True,
+            proc = ctx.Process(target=_worker, args=(child, make_env, dict(env_kwargs), i, self._environ, self._perturb),
+                               daemon=True,
                                name=f"libero-slot-{i}")
             proc.start()
             child.close()

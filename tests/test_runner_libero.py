@@ -252,3 +252,22 @@ def test_execution_settings_are_checked_before_any_environment(tmp_path, monkeyp
         evaluate(config("execution=async", "latency_ms=300", *FAST), tmp_path)
     with pytest.raises(ValueError, match="execution=rtc needs a policy"):
         evaluate(config("execution=rtc", "latency_ms=100", *FAST), tmp_path)
+
+
+def test_perturbations_reach_the_env_and_every_record(tmp_path, monkeypatch):
+    cfg = config("tasks=[0]", "init_states=[0]", "policy=zero", "perturb=language", "perturb.severity=1.0", *FAST)
+    summary = evaluate(cfg, tmp_path / "lang")
+    (rec,) = lines(tmp_path / "lang")
+    plain = evaluate(config("tasks=[0]", "init_states=[0]", "policy=zero", *FAST), tmp_path / "plain")
+    (base,) = lines(tmp_path / "plain")
+    assert rec["perturb"] == "language" and rec["severity"] == {"language": 1.0}
+    assert base["perturb"] == "none" and base["severity"] == {}
+    assert rec["task"] != base["task"]  # the prompt was rephrased
+    assert summary["perturb"] == "language" and summary["config_hash"] != plain["config_hash"]
+    import runners.evaluate as ev
+
+    monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
+    with pytest.raises(ValueError, match="no perturbation is selected"):
+        evaluate(config("perturb.severity=0.5", *FAST), tmp_path / "bad")
+    with pytest.raises(ValueError, match="severity"):
+        evaluate(config("perturb=camera", "perturb.camera.severity=2", *FAST), tmp_path / "bad2")
