@@ -232,6 +232,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
             num_envs = min(resolve_num_envs(cfg.num_envs), len(todo))
             print(f"Starting {num_envs} simulator worker(s) for {len(todo)} episode(s) of {cfg.suite}...", file=sys.stderr)
             environ = render_environ(cfg.render_device, getattr(policy, "device", None))
+            startup["policy_device"] = str(getattr(policy, "device", "")) or None
+            startup["worker_environ"] = environ
             pool = EnvPool(num_envs, env_kwargs, cfg.vectorization, wait=False, environ=environ, perturb=specs,
                            **({"make_env": make_env} if make_env is not None else {}))
             if hasattr(policy, "prepare"):  # compiles while the simulator workers start
