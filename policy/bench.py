@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import platform
 import time
 
@@ -124,24 +125,44 @@ def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0:
     """One backend at one shape: warm-up (from t0), p50/p95 of the full call and of each stage, peak
     memory, the actions, and the fused kernels' checks if it has any."""
     cuda = inputs[4].device.type == "cuda"
+    options = dict(options)
+    rtc = bool(options.pop("rtc", False))  # time real-time chunking's guided sampling instead
     sampler = make_sampler(name, model, num_steps=steps, **options)
-    actions = sampler(*inputs).float()
+    extra = {"guide": rtc_guide(inputs[4])} if rtc else {}
+    actions = sampler(*inputs, **extra).float()
     if cuda:
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    full = time_fn(lambda: sampler(*inputs), iters, warmup)
+    full = time_fn(lambda: sampler(*inputs, **extra), iters, warmup)
     parts = {k: time_fn(fn, iters, warmup) for k, fn in sampler.stages(*inputs).items()}
+    p50 = {k: float(np.percentile(v, 50)) for k, v in parts.items()}
     row = {
         "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
-        **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
+        **{f"{k}_p50_ms": v for k, v in p50.items()},
         **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
         "warmup_s": warmup_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "actions": actions,
     }
+    if rtc:  # the guided denoise loop: the full call less the (unguided) vision and prefix stages
+        row["rtc_denoise_p50_ms"] = row["p50_ms"] - p50["vision"] - p50["prefix"]
+        row["rtc_per_step_ms"] = row["rtc_denoise_p50_ms"] / steps
+        row["plain_per_step_ms"] = p50["denoise"] / steps
     kernels = getattr(sampler, "kernel_status", None)  # fused kernels: their checks, and any fallback
     if kernels:
         row["kernels"] = kernels
     return row
+
+
+def rtc_guide(noise: torch.Tensor, frozen: int = 2, overlap: int = 5):
+    """A real-time chunking guide as the runner makes one at replan 5 and 100 ms (2 steps) of latency:
+    a previous chunk to continue (random here: the cost does not depend on its values)."""
+    from policy.backends.rtc import Guide, prefix_weights
+
+    b, h, dim = noise.shape
+    g = torch.Generator(device="cpu").manual_seed(1)
+    target = torch.randn(b, h, dim, generator=g).to(noise.device)
+    w = prefix_weights(torch.full((b,), frozen), torch.full((b,), overlap), h)[:, :, None].expand(b, h, dim)
+    return Guide(target, w.contiguous().to(noise.device))
 
 
 def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0, device="cuda",
@@ -213,6 +234,21 @@ def table(rows, gpu: str) -> str:
     return "\n".join(out)
 
 
+def _commit() -> str | None:
+    """The project's commit, when run from its checkout (the GPU bundle records it in .COMMIT)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".COMMIT").is_file():
+        return (root / ".COMMIT").read_text().strip()
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="eager,compile")
@@ -244,7 +280,8 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(0)
 
     def save(rows):  # after every row: a run cut short still leaves what it measured
-        result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+        result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
+                  "command": "python -m policy.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "config": args.config, "prompt_tokens": args.prompt_tokens, "cameras": 2, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

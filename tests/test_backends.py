@@ -249,3 +249,15 @@ def test_bench_rows_report_accuracy_kernel_checks_and_errors_and_go_on():
     finally:
         et.KERNELS["geglu"] = saved
     assert "fell back" in row["error"] and row["kernels"]["geglu@10"].startswith("fallback: RuntimeError: ptxas died")
+
+
+def test_bench_times_real_time_chunking_against_plain_sampling():
+    from policy import bench
+
+    rows = bench.bench(["eager", "eager:rtc=true", "compile:torch_compile=false/rtc=true"], [1], [3], 24, 1,
+                       config="tiny", device="cpu", warmup=0)
+    plain, rtc, rtc_compile = rows
+    assert "rtc_per_step_ms" not in plain
+    for row in (rtc, rtc_compile):
+        assert "error" not in row and row["rtc_per_step_ms"] > 0 and row["plain_per_step_ms"] > 0
+        assert row["mean_abs_diff_vs_eager"] > 0  # guided towards another chunk: not the plain actions
