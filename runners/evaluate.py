@@ -39,7 +39,7 @@ from videos.recorder import VideoRecorder
 # Settings that choose which episodes run, or how fast, but not what an episode's result is:
 # they stay out of the config hash so a run can be resumed or extended with other values.
 # (conf/sweep.yaml's exclude_keys keeps most of them out of job directory names too.)
-NOT_HASHED = ("out", "tasks", "episodes", "init_states", "num_envs", "vectorization", "videos", "video_fps",
+NOT_HASHED = ("out", "tasks", "episodes", "init_states", "seeds", "num_envs", "vectorization", "videos", "video_fps",
               "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
               "serial_episodes", "reproduce")
 # A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
@@ -76,7 +76,10 @@ def plan_episodes(cfg: DictConfig) -> list[Episode]:
     bad = [k for k in states if not 0 <= k < n]
     if bad:
         raise ValueError(f"init_states {bad} out of range: {suite.name} tasks have init states 0..{n - 1}")
-    return [Episode(suite.name, t, k, int(cfg.seed)) for t in tasks for k in states]
+    seeds = [int(cfg.seed)] if cfg.get("seeds") is None else [int(x) for x in cfg.seeds]
+    if not seeds:
+        raise ValueError("seeds is an empty list: give at least one seed, or null for `seed` alone")
+    return [Episode(suite.name, t, k, sd) for sd in seeds for t in tasks for k in states]
 
 
 def perturb_specs(cfg: DictConfig) -> list[dict]:
