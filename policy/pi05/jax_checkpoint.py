@@ -247,12 +247,22 @@ def load_jax_checkpoint(path: str | os.PathLike, cfg: Pi05Config, device="cpu",
 
 # ----- writing (tests and benchmarks: openpi's on-disk layout, made without JAX) ----------------------
 
+@dataclass(frozen=True)
+class RowSource:
+    """An array handed to `write_jax_checkpoint` a block of rows (first-axis indices) at a time, so
+    that writing a multi-GB array does not hold it twice (the source and tensorstore's chunk)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    rows: Callable[[int, int], np.ndarray]  # (start, stop) -> array[start:stop]
+
+
 # orbax's OCDBT settings (as in the checkpoints openpi's training code writes: tests/golden/pi05).
 OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "compression": {"id": "zstd"}}
+WRITE_BLOCK_BYTES = 64 * 2**20
 
 
-def write_jax_checkpoint(ckpt: str | os.PathLike, arrays: Iterator[tuple[str, np.ndarray]], with_value: bool = True,
-                         compress: bool = True, layer_chunks: bool = False) -> Path:
+def write_jax_checkpoint(ckpt: str | os.PathLike, arrays: Iterator[tuple[str, np.ndarray | RowSource]],
+                         with_value: bool = True, compress: bool = True, layer_chunks: bool = False) -> Path:
     """Write `(openpi path, array)` pairs as `<ckpt>/params` (OCDBT + zarr v2, one array at a time) with
     the `_METADATA` tree openpi's checkpoints carry; `with_value` appends the nnx.State `value` key.
 
@@ -260,7 +270,9 @@ def write_jax_checkpoint(ckpt: str | os.PathLike, arrays: Iterator[tuple[str, np
     unsharded array (orbax `build_zarr_shard_and_chunk_metadata`: `chunks` = shard shape,
     `compressor` = `{"id": "zstd"}`, whose tensorstore default level is 1). `compress=False` stores raw
     bytes; `layer_chunks=True` gives every array of 2+ dimensions one chunk per index of its first
-    (layer) axis, a layout openpi does not write, kept to test the reader's layer-at-a-time path."""
+    (layer) axis, a layout openpi does not write, kept to test the reader's layer-at-a-time path.
+    A `RowSource` is written in blocks of rows inside one transaction (memory: the chunk, its
+    compressed bytes and one block)."""
     import tensorstore as ts
 
     params = Path(ckpt).expanduser() / "params"
@@ -269,26 +281,42 @@ def write_jax_checkpoint(ckpt: str | os.PathLike, arrays: Iterator[tuple[str, np
     tree = {}
     for path, array in arrays:
         keys = ("params", *path.split("/")) + (("value",) if with_value else ())
-        chunks = list(array.shape)
-        if layer_chunks and array.ndim > 1:
+        shape = tuple(array.shape)
+        chunks = list(shape)
+        if layer_chunks and len(shape) > 1:
             chunks[0] = 1
-        dtype = "bfloat16" if array.dtype.name == "bfloat16" else array.dtype.name
+        dtype = np.dtype(array.dtype)
         store = ts.open({"driver": "zarr", "kvstore": kvstore, "path": ".".join(keys),
-                         "metadata": {"shape": list(array.shape), "chunks": chunks,
+                         "metadata": {"shape": list(shape), "chunks": chunks,
                                       "compressor": {"id": "zstd", "level": 1} if compress else None}},
-                        create=True, delete_existing=True, dtype=dtype).result()
-        store.write(array).result()
+                        create=True, delete_existing=True,
+                        dtype="bfloat16" if dtype.name == "bfloat16" else dtype.name).result()
+        if isinstance(array, RowSource):
+            step = max(1, WRITE_BLOCK_BYTES // max(1, dtype.itemsize * int(np.prod(shape[1:]))))
+            with ts.Transaction() as txn:
+                for start in range(0, shape[0], step):
+                    stop = min(start + step, shape[0])
+                    store.with_transaction(txn)[start:stop].write(array.rows(start, stop)).result()
+        else:
+            store.write(array).result()
         del store
         tree[str(keys)] = {
             "key_metadata": [{"key": k, "key_type": 2} for k in keys],
-            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(array.shape)},
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
         }
     (params / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_zarr3": False}))
     return params
 
 
-def random_arrays(cfg: Pi05Config, seed: int = 0, scale: float = 0.02) -> Iterator[tuple[str, np.ndarray]]:
-    """Random float32 arrays with every path and shape of a pi05 JAX checkpoint, one at a time."""
-    rng = np.random.default_rng(seed)
-    for entry in array_plan(cfg):
-        yield entry.path, rng.standard_normal(entry.shape, dtype=np.float32) * np.float32(scale)
+def random_arrays(cfg: Pi05Config, seed: int = 0, scale: float = 0.02) -> Iterator[tuple[str, RowSource]]:
+    """Random float32 arrays (N(0, scale^2)) with every path and shape of a pi05 JAX checkpoint, one at a
+    time, as `RowSource`s: block (start, stop) of array k is drawn from the generator seeded
+    (seed, k, start), so a real-size checkpoint is written without holding a whole array twice."""
+    def source(k: int, shape: tuple[int, ...]) -> RowSource:
+        def rows(start: int, stop: int) -> np.ndarray:
+            rng = np.random.default_rng([seed, k, start])
+            return rng.standard_normal((stop - start, *shape[1:]), dtype=np.float32) * np.float32(scale)
+        return RowSource(shape, np.dtype(np.float32), rows)
+
+    for k, entry in enumerate(array_plan(cfg)):
+        yield entry.path, source(k, entry.shape)
