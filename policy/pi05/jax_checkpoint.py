@@ -10,7 +10,8 @@ path has one (nnx.State checkpoints do; pure-dict ones do not).
 The mapping to our modules is the general one of the reference (§7.5): stacked layers are sliced,
 flax kernels (in, out) transposed, einsum weights reshaped by their head count and head size (so
 it holds for any width, unlike openpi's converter, whose o_proj reshape assumes heads x head_dim =
-width). Arrays are read one at a time, so peak host memory is about the largest array, not the model.
+width). Arrays are read one at a time, so peak host memory is about twice the largest array (its
+compressed bytes and the decoded array), not the model.
 
 How a stacked (per-layer) array is read follows how it is chunked, because a zarr chunk is the unit
 tensorstore decodes: openpi's checkpoints (orbax: `chunks` = the shard shape, `zstd` compressor)
