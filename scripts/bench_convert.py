@@ -39,7 +39,7 @@ def machine() -> dict:
     mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal"))
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 2**20, 1), "os": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "load_average_1_5_15": os.getloadavg()}
 
 
 def dir_bytes(d: Path) -> int:
@@ -126,6 +126,7 @@ def main(argv=None) -> dict:
     print(f"{q.path} {list(q.shape)}: one read {once:.2f} s, {depth} reads of a layer each {per_layer:.2f} s")
     del layers
 
+    result["machine"]["load_average_at_end"] = os.getloadavg()  # other jobs on the machine
     dest = Path(args.json) if args.json else root.parent / "bench_convert.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {dest}")
