@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,13 @@ def test_submitit_slurm_preset_reaches_submitit_and_runs_a_job_on_its_debug_exec
     args = ["policy=zero", "tasks=[0]", "episodes=1", "max_steps=5", "videos=none", "vectorization=sync",
             "env.camera_size=128", "env.image_size=128", f"out={out}", "hydra/launcher=submitit_slurm",
             "hydra.launcher.partition=gpu-debug", "hydra.launcher.account=proj42"]
-    proc = subprocess.run([sys.executable, "-c", SLURM_TO_DEBUG, str(record_path), *args], cwd=REPO,
+    # submitit's SlurmExecutor wants `srun` on PATH to exist; this one is never called (nothing is submitted)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\necho 'no Slurm here' >&2\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-c", SLURM_TO_DEBUG, str(record_path), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     record = json.loads(record_path.read_text())
