@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from policy.convert import convert
-from policy.pi05.jax_checkpoint import JaxCheckpoint, write_jax_checkpoint
+from policy.pi05.config import get_config
+from policy.pi05.jax_checkpoint import JaxCheckpoint, array_plan, iter_parameters, random_arrays, write_jax_checkpoint
 from policy.pi05.checkpoints import load_model
 from policy.pi05.weights import CheckpointMismatch
 
@@ -127,3 +128,66 @@ def test_policy_runs_from_a_jax_checkpoint(golden_dir, spm_tokenizer):
                         "state": np.zeros((1, 8), np.float32), "prompt": ["put the bowl on the plate"]})
     assert out["actions"].shape == (1, 10, 7) and np.isfinite(out["actions"]).all()
     assert policy.norm_stats.source.endswith("physical-intelligence/libero/norm_stats.json")
+
+
+# ----- reading a stacked array: one decode per stored chunk ---------------------------------------
+
+def _chunk_decodes() -> int:
+    """tensorstore's own count of chunk reads (each one decodes, i.e. decompresses, a whole chunk)."""
+    import tensorstore as ts
+
+    metrics = ts.experimental_collect_matching_metrics("/tensorstore/cache/chunk_cache/reads")
+    return sum(v["value"] for m in metrics for v in m["values"])
+
+
+def test_writer_lays_arrays_out_as_openpis_checkpoint_does(golden_dir, tmp_path):
+    """Our writer's default layout equals the one openpi's training code wrote (tests/golden)."""
+    ours_dir = write_jax_checkpoint(tmp_path / "ours", random_arrays(get_config("tiny"))).parent
+    ours, openpi = JaxCheckpoint(ours_dir), JaxCheckpoint(golden_dir / JAX_DIRS[0])
+    for path in ("PaliGemma/llm/layers/mlp/gating_einsum", "PaliGemma/llm/embedder/input_embedding"):
+        a, b = ours._open(path).spec().to_json()["metadata"], openpi._open(path).spec().to_json()["metadata"]
+        assert a["chunks"] == b["chunks"] == a["shape"]  # one chunk for the whole array
+        assert a["compressor"] == b["compressor"] == {"id": "zstd", "level": 1}
+
+
+@pytest.mark.parametrize("layer_chunks", [False, True])
+def test_stacked_arrays_are_decoded_once_per_chunk_and_bit_identical(tmp_path, layer_chunks):
+    cfg = get_config("tiny")
+    plan = array_plan(cfg)
+    write_jax_checkpoint(tmp_path / "ckpt", random_arrays(cfg, seed=3), layer_chunks=layer_chunks)
+    ckpt = JaxCheckpoint(tmp_path / "ckpt")
+    stacked = [e for e in plan if e.targets[0][1] is not None]
+    assert len(stacked) == 32 and {len(ckpt.shape(e.path)) for e in stacked} >= {2, 3, 4, 5}
+
+    before = _chunk_decodes()
+    params = dict(iter_parameters(ckpt, plan))
+    decodes = _chunk_decodes() - before
+    # one chunk per array (openpi), or one per layer of every array of 2+ dimensions; never more.
+    chunks = sum(ckpt.shape(e.path)[0] if layer_chunks and len(ckpt.shape(e.path)) > 1 else 1 for e in plan)
+    assert decodes == chunks, (decodes, chunks)
+    # Reading every layer on its own (the old reader) would decode a one-chunk array once per layer:
+    layer_reads = sum(len({t[1] for t in e.targets}) for e in stacked) + len(plan) - len(stacked)
+    assert layer_reads > chunks or layer_chunks
+
+    # the same tensors as slicing the whole array in memory, bit for bit
+    expected = {name: fn(ckpt.read(e.path)[i] if i is not None else ckpt.read(e.path))
+                for e in plan for name, i, fn in e.targets}
+    assert list(params) == list(expected) and len(params) == sum(len(e.targets) for e in plan)
+    for name, tensor in params.items():
+        assert torch.equal(tensor, torch.from_numpy(np.ascontiguousarray(expected[name]))), name
+
+
+def test_layers_read_of_a_one_chunk_array_touches_it_once(tmp_path):
+    depth, rows = 6, 8
+    stack = np.random.default_rng(0).standard_normal((depth, rows, 4), dtype=np.float32)
+    write_jax_checkpoint(tmp_path / "c", [("a/stack", stack)])
+    ckpt = JaxCheckpoint(tmp_path / "c")
+    before = _chunk_decodes()
+    layers = list(ckpt.layers("a/stack"))
+    assert _chunk_decodes() - before == 1
+    assert [i for i, _ in layers] == list(range(depth))
+    assert all(np.array_equal(layer, stack[i]) for i, layer in layers)
+    before = _chunk_decodes()
+    for i in range(depth):  # what reading layer by layer costs on the same array
+        ckpt.read("a/stack", i)
+    assert _chunk_decodes() - before == depth

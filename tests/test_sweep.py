@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,81 @@ def test_sweep_primary_config_is_a_multirun():
         for launcher in ("joblib", "submitit_local", "submitit_slurm", "ray"):
             c = compose(config_name="sweep", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
             assert c.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+# submitit_slurm, for real up to sbatch: the launcher builds `submitit.AutoExecutor(cluster="slurm")`
+# from the preset and submits through it. Here that executor is built for real (submitit checks every
+# parameter and writes the sbatch script from them), and the jobs run on submitit's in-process debug
+# executor instead of being handed to sbatch. (The ray preset is not run anywhere: ray is not installed.)
+SLURM_TO_DEBUG = r'''
+import json, sys
+import submitit
+from submitit.auto.auto import AutoExecutor
+
+record_path, argv = sys.argv[1], sys.argv[2:]
+record = {}
+
+
+class SlurmCheckedDebugExecutor(AutoExecutor):
+    def __init__(self, folder, cluster=None, **kwargs):
+        record.update(cluster=cluster, init=kwargs, folder=str(folder))
+        self.slurm = AutoExecutor(folder, cluster=cluster, **kwargs)
+        super().__init__(folder, cluster="debug")
+
+    def update_parameters(self, **kwargs):
+        self.slurm.update_parameters(**kwargs)  # submitit's own checks for the slurm executor
+        record["params"] = kwargs
+        record["sbatch"] = self.slurm._executor._make_submission_file_text("python -m submitit.core._submit X", "u")
+        super().update_parameters(**kwargs)  # slurm_* are ignored by the debug executor, the rest kept
+
+
+submitit.AutoExecutor = SlurmCheckedDebugExecutor
+sys.argv = ["runners.sweep", *argv]
+from runners.sweep import main
+
+try:
+    main()
+finally:
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+'''
+
+
+def test_submitit_slurm_preset_reaches_submitit_and_runs_a_job_on_its_debug_executor(tmp_path):
+    out, record_path = tmp_path / "slurm", tmp_path / "record.json"
+    args = ["policy=zero", "tasks=[0]", "episodes=1", "max_steps=5", "videos=none", "vectorization=sync",
+            "env.camera_size=128", "env.image_size=128", f"out={out}", "hydra/launcher=submitit_slurm",
+            "hydra.launcher.partition=gpu-debug", "hydra.launcher.account=proj42"]
+    # submitit's SlurmExecutor wants `srun` on PATH to exist; this one is never called (nothing is submitted)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\necho 'no Slurm here' >&2\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-c", SLURM_TO_DEBUG, str(record_path), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    record = json.loads(record_path.read_text())
+    # the preset's values, as the launcher hands them to submitit
+    assert record["cluster"] == "slurm" and record["init"] == {"slurm_max_num_timeout": 0}
+    assert record["folder"] == f"{out}/.submitit/%j"
+    params = record["params"]
+    assert {k: params[k] for k in ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb",
+                                   "nodes", "name")} == {"timeout_min": 240, "cpus_per_task": 16, "gpus_per_node": 1,
+                                                         "tasks_per_node": 1, "mem_gb": 64, "nodes": 1, "name": "sweep"}
+    assert params["slurm_partition"] == "gpu-debug" and params["slurm_account"] == "proj42"
+    assert params["slurm_signal_delay_s"] == 120 and params["slurm_array_parallelism"] == 256
+    # ... and what sbatch would get
+    sbatch = record["sbatch"]
+    for line in ("#SBATCH --partition=gpu-debug", "#SBATCH --account=proj42", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=16", "#SBATCH --mem=64GB", "#SBATCH --time=240",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --job-name=sweep"):
+        assert line in sbatch, (line, sbatch)
+    # the job ran through submitit (its job environment and log folder) and wrote its evaluation
+    js = jobs(out)
+    assert len(js) == 1
+    summary = json.loads((js[0] / "summary.json").read_text())
+    assert summary["config"]["max_steps"] == 5 and summary["total"]["episodes"] == 1
+    logs = list((out / ".submitit").glob("DEBUG_*/*_log.out"))
+    assert logs, sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert (out / "sweep.csv").is_file()

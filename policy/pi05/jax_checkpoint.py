@@ -10,7 +10,14 @@ path has one (nnx.State checkpoints do; pure-dict ones do not).
 The mapping to our modules is the general one of the reference (§7.5): stacked layers are sliced,
 flax kernels (in, out) transposed, einsum weights reshaped by their head count and head size (so
 it holds for any width, unlike openpi's converter, whose o_proj reshape assumes heads x head_dim =
-width). Arrays are read one at a time, so peak host memory is about the largest array, not the model.
+width). Arrays are read one at a time, so peak host memory is about twice the largest array (its
+compressed bytes and the decoded array), not the model.
+
+How a stacked (per-layer) array is read follows how it is chunked, because a zarr chunk is the unit
+tensorstore decodes: openpi's checkpoints (orbax: `chunks` = the shard shape, `zstd` compressor)
+store each array as ONE chunk, so reading layer i alone would decompress the whole stack again for
+every layer; we read such an array once and slice its layers. An array chunked per layer is read a
+layer at a time (memory bounded by one layer). In general: one read per chunk along the layer axis.
 """
 
 from __future__ import annotations
@@ -174,9 +181,23 @@ class JaxCheckpoint:
         return tuple(self._open(path).shape)  # the array's own shape (write_shape is per shard)
 
     def read(self, path: str, index: int | None = None) -> np.ndarray:
-        """The array, or only its `index`-th slice along the first (layer) axis."""
+        """The array, or only its `index`-th slice along the first (layer) axis. To read every
+        layer, use `layers`: on a one-chunk array each call here decodes the whole chunk."""
         store = self._open(path)
         return np.asarray((store if index is None else store[index]).read().result())
+
+    def layers(self, path: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(i, array[i]) for every index of the first (layer) axis, decoding each stored chunk once:
+        one read per chunk along that axis (the whole array for openpi's one-chunk arrays, a layer
+        at a time for arrays chunked per layer), so memory holds one chunk's layers at a time."""
+        store = self._open(path)
+        n = store.shape[0]
+        step = store.chunk_layout.read_chunk.shape[0] or n  # layers per chunk
+        for start in range(0, n, step):
+            block = np.asarray(store[start:min(start + step, n)].read().result())  # (layers, ...)
+            for k in range(block.shape[0]):
+                yield start + k, block[k]
+            del block
 
 
 def to_torch(a: np.ndarray) -> torch.Tensor:
@@ -193,14 +214,23 @@ def check_arrays(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> None:
 
 
 def iter_parameters(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our parameter name, tensor) for every parameter, in plan order, reading one array, or one
-    layer of a stacked array, at a time."""
+    """(our parameter name, tensor) for every parameter, in plan order, reading one array at a time;
+    a stacked array is read chunk by chunk along its layer axis (see `JaxCheckpoint.layers`)."""
     for entry in plan:
-        cached: tuple[int | None, np.ndarray] | None = None
-        for name, index, fn in entry.targets:
-            if cached is None or cached[0] != index:
-                cached = (index, ckpt.read(entry.path, index))
-            yield name, to_torch(fn(cached[1]))
+        if entry.targets[0][1] is None:
+            whole = ckpt.read(entry.path)
+            for name, _, fn in entry.targets:
+                yield name, to_torch(fn(whole))
+            del whole
+            continue
+        by_layer: dict[int, list] = {}
+        for name, index, fn in entry.targets:  # plan order is layer order (array_plan sorts them)
+            by_layer.setdefault(index, []).append((name, fn))
+        assert list(by_layer) == sorted(by_layer), entry.path
+        for index, layer in ckpt.layers(entry.path):
+            for name, fn in by_layer.pop(index, ()):
+                yield name, to_torch(fn(layer))
+        assert not by_layer, f"{entry.path}: layers {sorted(by_layer)} not in the checkpoint"
 
 
 def load_jax_checkpoint(path: str | os.PathLike, cfg: Pi05Config, device="cpu",
@@ -218,37 +248,76 @@ def load_jax_checkpoint(path: str | os.PathLike, cfg: Pi05Config, device="cpu",
 
 # ----- writing (tests and benchmarks: openpi's on-disk layout, made without JAX) ----------------------
 
-def write_jax_checkpoint(ckpt: str | os.PathLike, arrays: Iterator[tuple[str, np.ndarray]], with_value: bool = True,
-                         compress: bool = False) -> Path:
+@dataclass(frozen=True)
+class RowSource:
+    """An array handed to `write_jax_checkpoint` a block of rows (first-axis indices) at a time, so
+    that writing a multi-GB array does not hold it twice (the source and tensorstore's chunk)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    rows: Callable[[int, int], np.ndarray]  # (start, stop) -> array[start:stop]
+
+
+# orbax's OCDBT settings (as in the checkpoints openpi's training code writes: tests/golden/pi05).
+OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "compression": {"id": "zstd"}}
+WRITE_BLOCK_BYTES = 64 * 2**20
+
+
+def write_jax_checkpoint(ckpt: str | os.PathLike, arrays: Iterator[tuple[str, np.ndarray | RowSource]],
+                         with_value: bool = True, compress: bool = True, layer_chunks: bool = False) -> Path:
     """Write `(openpi path, array)` pairs as `<ckpt>/params` (OCDBT + zarr v2, one array at a time) with
-    the `_METADATA` tree openpi's checkpoints carry; `with_value` appends the nnx.State `value` key."""
+    the `_METADATA` tree openpi's checkpoints carry; `with_value` appends the nnx.State `value` key.
+
+    By default each array is one zarr chunk compressed with zstd (level 1), as orbax writes an
+    unsharded array (orbax `build_zarr_shard_and_chunk_metadata`: `chunks` = shard shape,
+    `compressor` = `{"id": "zstd"}`, whose tensorstore default level is 1). `compress=False` stores raw
+    bytes; `layer_chunks=True` gives every array of 2+ dimensions one chunk per index of its first
+    (layer) axis, a layout openpi does not write, kept to test the reader's layer-at-a-time path.
+    A `RowSource` is written in blocks of rows inside one transaction (memory: the chunk, its
+    compressed bytes and one block)."""
     import tensorstore as ts
 
     params = Path(ckpt).expanduser() / "params"
     params.mkdir(parents=True, exist_ok=True)
-    kvstore = {"driver": "ocdbt", "base": f"file://{params.resolve()}/"}
+    kvstore = {"driver": "ocdbt", "base": f"file://{params.resolve()}/", "config": OCDBT_CONFIG}
     tree = {}
     for path, array in arrays:
         keys = ("params", *path.split("/")) + (("value",) if with_value else ())
-        chunks = list(array.shape)
-        if array.nbytes > 256 * 2**20 and array.ndim > 1:
-            chunks[0] = 1  # stacked layers: a chunk per layer keeps single writes small
-        dtype = "bfloat16" if array.dtype.name == "bfloat16" else array.dtype.name
+        shape = tuple(array.shape)
+        chunks = list(shape)
+        if layer_chunks and len(shape) > 1:
+            chunks[0] = 1
+        dtype = np.dtype(array.dtype)
         store = ts.open({"driver": "zarr", "kvstore": kvstore, "path": ".".join(keys),
-                         "metadata": {"shape": list(array.shape), "chunks": chunks,
+                         "metadata": {"shape": list(shape), "chunks": chunks,
                                       "compressor": {"id": "zstd", "level": 1} if compress else None}},
-                        create=True, delete_existing=True, dtype=dtype).result()
-        store.write(array).result()
+                        create=True, delete_existing=True,
+                        dtype="bfloat16" if dtype.name == "bfloat16" else dtype.name).result()
+        if isinstance(array, RowSource):
+            step = max(1, WRITE_BLOCK_BYTES // max(1, dtype.itemsize * int(np.prod(shape[1:]))))
+            with ts.Transaction() as txn:
+                for start in range(0, shape[0], step):
+                    stop = min(start + step, shape[0])
+                    store.with_transaction(txn)[start:stop].write(array.rows(start, stop)).result()
+        else:
+            store.write(array).result()
+        del store
         tree[str(keys)] = {
             "key_metadata": [{"key": k, "key_type": 2} for k in keys],
-            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(array.shape)},
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
         }
     (params / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_zarr3": False}))
     return params
 
 
-def random_arrays(cfg: Pi05Config, seed: int = 0, scale: float = 0.02) -> Iterator[tuple[str, np.ndarray]]:
-    """Random float32 arrays with every path and shape of a pi05 JAX checkpoint, one at a time."""
-    rng = np.random.default_rng(seed)
-    for entry in array_plan(cfg):
-        yield entry.path, rng.standard_normal(entry.shape, dtype=np.float32) * np.float32(scale)
+def random_arrays(cfg: Pi05Config, seed: int = 0, scale: float = 0.02) -> Iterator[tuple[str, RowSource]]:
+    """Random float32 arrays (N(0, scale^2)) with every path and shape of a pi05 JAX checkpoint, one at a
+    time, as `RowSource`s: block (start, stop) of array k is drawn from the generator seeded
+    (seed, k, start), so a real-size checkpoint is written without holding a whole array twice."""
+    def source(k: int, shape: tuple[int, ...]) -> RowSource:
+        def rows(start: int, stop: int) -> np.ndarray:
+            rng = np.random.default_rng([seed, k, start])
+            return rng.standard_normal((stop - start, *shape[1:]), dtype=np.float32) * np.float32(scale)
+        return RowSource(shape, np.dtype(np.float32), rows)
+
+    for k, entry in enumerate(array_plan(cfg)):
+        yield entry.path, source(k, entry.shape)
