@@ -29,22 +29,14 @@ from runners.pool import EnvPool, Episode
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
-from runners.rundir import SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, summarize, write_json
-from runners.tables import markdown_table, text_table
+from runners.rundir import (NOT_HASHED, SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, result_settings,  # noqa: F401
+                            summarize, write_json)
+from runners.tables import failure_markdown, markdown_table, text_table
 from videos.recorder import VideoRecorder
 
-# Settings that choose which episodes run, or how fast, but not what an episode's result is:
-# they stay out of the config hash so a run can be resumed or extended with other values.
-NOT_HASHED = ("out", "tasks", "episodes", "init_states", "num_envs", "vectorization", "videos", "video_fps",
-              "retry_errors", "device", "host", "port")
-
-
 def config_hash(cfg: DictConfig) -> str:
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_HASHED:
-        data.pop(key, None)
-    if isinstance(data.get("policy"), dict):
-        data["policy"] = {k: v for k, v in data["policy"].items() if k not in ("device", "host", "port")}
+    """Hash of the settings that decide results (runners.rundir.NOT_HASHED are left out)."""
+    data = result_settings(OmegaConf.to_container(cfg, resolve=True))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -146,8 +138,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         "provenance": provenance(),
         **summary,
     })
-    (out / SUMMARY_MD).write_text(markdown_table(summary), encoding="utf-8")
+    tags = failure_markdown(summary)
+    (out / SUMMARY_MD).write_text(markdown_table(summary) + (f"\n## Failure tags\n\n{tags}" if tags else ""),
+                                  encoding="utf-8")
     print(text_table(summary))
+    if summary["total"]["failures"]:
+        print("\nepisodes by tag: " + ", ".join(f"{t} {n}" for t, n in summary["total"]["failures"].items()))
     page = write_review(out)
     videos = f"\nVideos: {out / 'videos'}" if (out / "videos").is_dir() else ""
     print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}{videos}\nReview page: {page}")

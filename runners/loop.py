@@ -18,6 +18,7 @@ from policy.base import check_actions
 from runners.chunking import ChunkExecutor
 from runners.pool import IDLE, EnvPool, Episode
 from runners.rundir import ResultsLog, latency_stats
+from runners.triage import Trace
 from videos.recorder import EpisodeVideo, VideoRecorder
 
 MAX_CONSECUTIVE_POLICY_FAILURES = 3
@@ -44,6 +45,7 @@ class Slot:
     video: EpisodeVideo | None = None
     latencies_ms: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    trace: Trace = field(default_factory=Trace)  # privileged trace points for failure triage
 
 
 def _select(obs: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
@@ -84,6 +86,8 @@ class EvaluationLoop:
         slot = self.slots.pop(i)
         video = self.recorder.finish(slot.video, outcome) if self.recorder is not None else None
         rec = self._record(slot, outcome, steps, error, video)
+        rec["failure"] = slot.trace.classify(outcome)
+        self.results.append_trace(slot.trace.finish(rec, rec["failure"]))  # before the result line
         if slot.video is not None and slot.video.is_alive():
             self._pending.append((rec, slot.video))  # written once its video is on disk
         else:
@@ -131,9 +135,12 @@ class EvaluationLoop:
         batch["prompt"] = [self.slots[i].task for i in rows]
         batch["episode"] = [(*self.slots[i].episode.key, id(self.slots[i])) for i in rows]
         batch["step"] = [self.slots[i].executor.t for i in rows]
-        if getattr(self.policy, "needs_privileged", False):
-            states = self.pool.privileged_states()
-            batch["privileged"] = [states[i] for i in rows]
+        privileged = bool(getattr(self.policy, "needs_privileged", False))
+        states = self.pool.replan_states(privileged)  # one round trip: trace points (+ privileged states)
+        for i in rows:
+            self.slots[i].trace.add(states[i]["trace"])
+        if privileged:
+            batch["privileged"] = [states[i]["privileged"] for i in rows]
         t0 = time.perf_counter()
         try:
             out = self.policy.infer(batch)
@@ -189,6 +196,11 @@ class EvaluationLoop:
                     slot.video.add(obs["image"][i], obs["wrist_image"][i], slot.executor.t, i in need)
                 actions[i] = slot.executor.next_action()
             obs, terminated, truncated, infos = self.pool.step(actions)
+            ended = [i for i in self.slots if not infos[i].get("error") and (terminated[i] or truncated[i])]
+            if ended:  # the final trace point, read before the slot is reset into its next episode
+                finals = self.pool.replan_states()
+                for i in ended:
+                    self.slots[i].trace.add(finals[i]["trace"])
             for i in list(self.slots):
                 slot, info = self.slots[i], infos[i]
                 steps = int(info.get("step", slot.executor.t))  # the env's count: a failed step is not one

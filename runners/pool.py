@@ -81,6 +81,16 @@ class EpisodeWorker(gym.Wrapper):
     def privileged_state(self):
         return self.env.unwrapped.privileged_state()
 
+    def replan_state(self, privileged: bool) -> dict[str, Any]:
+        """What the runner reads when it asks for a chunk, in one round trip: the trace point (failure
+        triage, envs/trace.py; None when the env cannot give one) and, if asked, the privileged state."""
+        env = self.env.unwrapped
+        try:
+            trace = env.trace_point()
+        except Exception:  # an episode that failed to start; triage copes with a missing point
+            trace = None
+        return {"trace": trace, "privileged": env.privileged_state() if privileged else None}
+
 
 def make_worker_env(env_kwargs: dict[str, Any]) -> EpisodeWorker:
     from envs.libero import LiberoEnv
@@ -123,6 +133,10 @@ class EnvPool:
 
     def privileged_states(self) -> list[dict[str, Any]]:
         return list(self.venv.call("privileged_state"))
+
+    def replan_states(self, privileged: bool = False) -> list[dict[str, Any]]:
+        """Per slot {"trace": point, "privileged": state or None} (EpisodeWorker.replan_state)."""
+        return list(self.venv.call("replan_state", privileged))
 
     def close(self) -> None:
         self.venv.close()
