@@ -154,10 +154,17 @@ def difference_text(c: dict[str, Any]) -> str:
     return f"{100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+def short_name(job: str) -> str:
+    """`job3` for a sweep job directory `job3_steps=1,backend=eager` (its overrides are in the setting
+    column already); other names unchanged."""
+    m = re.fullmatch(r"(job\d+)_.*", job)
+    return m.group(1) if m else job
+
+
 COLUMNS: list[tuple[str, Any]] = [
     ("setting", lambda c: f"{c['setting']}: {c['a_value']} → {c['b_value']}"),
-    ("A", lambda c: c["a"]),
-    ("B", lambda c: c["b"]),
+    ("A", lambda c: short_name(c["a"])),
+    ("B", lambda c: short_name(c["b"])),
     ("A success %", lambda c: _pct(c["a_success_rate"])),
     ("B success %", lambda c: _pct(c["b_success_rate"])),
     ("paired", lambda c: c["paired"]),
@@ -184,9 +191,15 @@ def markdown_table(comparisons: list[dict[str, Any]]) -> str:
 def html_table(comparisons: list[dict[str, Any]]) -> str:
     if not comparisons:
         return "<p>No two jobs differ in exactly one setting.</p>"
+    def td(header: str, c: dict[str, Any], cell) -> str:
+        text = html.escape(str(cell(c)))
+        if header in ("A", "B"):  # a link to the job's section of the review page, its full name on hover
+            job = c[header.lower()]
+            return f'<td><a href="#{html.escape(short_name(job))}" title="{html.escape(job)}">{text}</a></td>'
+        return f"<td>{text}</td>"
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS)
-    rows = ["<tr>" + "".join(f"<td>{html.escape(str(cell(c)))}</td>" for _, cell in COLUMNS) + "</tr>"
-            for c in comparisons]
+    rows = ["<tr>" + "".join(td(h, c, cell) for h, cell in COLUMNS) + "</tr>" for c in comparisons]
     return f'<table class="paired"><tr>{head}</tr>' + "".join(rows) + f'</table><p class="note">{html.escape(NOTE)}</p>'
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runners.compare import html_table as paired_table
-from runners.compare import sweep_comparisons
+from runners.compare import short_name, sweep_comparisons
 from runners.rundir import (episode_key, find_runs, policy_label, read_records, read_summary, read_traces, summarize,
                             upgrade_summary)
 from runners.tables import html_table, num
@@ -263,8 +263,8 @@ def _pair(root: Path, c: dict[str, Any], recs: dict[str, dict], key: tuple) -> s
     task_text = html.escape((a or b or {}).get("task", ""))
     return (f'<div class="pair"><div class="meta"><b>{html.escape(suite)} task {task}</b> init state {init} seed {seed}'
             f' &middot; {task_text}</div><div class="sides">'
-            + _side(root, root / c["a"], f"A: {c['setting']}={c['a_value']} ({c['a']})", a)
-            + _side(root, root / c["b"], f"B: {c['setting']}={c['b_value']} ({c['b']})", b)
+            + _side(root, root / c["a"], f"A: {c['setting']}={c['a_value']} ({short_name(c['a'])})", a)
+            + _side(root, root / c["b"], f"B: {c['setting']}={c['b_value']} ({short_name(c['b'])})", b)
             + '</div><div class="controls"><button type="button" data-playing="0">play both</button>'
               '<input type="range" min="0" max="1000" value="0" aria-label="seek both">'
               '<span class="clock">0.0 s</span></div></div>')
@@ -282,8 +282,8 @@ def _side_by_side(root: Path, comparisons: list[dict[str, Any]]) -> str:
         if not discordant and not both_failed:
             continue
         parts.append(f"<h3>{html.escape(c['setting'])}: {html.escape(str(c['a_value']))} → "
-                     f"{html.escape(str(c['b_value']))} <span class=note>(A {html.escape(c['a'])}, "
-                     f"B {html.escape(c['b'])})</span></h3>")
+                     f"{html.escape(str(c['b_value']))} <span class=note>(A {html.escape(short_name(c['a']))}, "
+                     f"B {html.escape(short_name(c['b']))})</span></h3>")
         if discordant:
             parts.append(f"<h4>Succeeded in one, failed in the other ({len(discordant)}: "
                          f"A only {c['a_only']}, B only {c['b_only']})</h4>")
@@ -325,7 +325,7 @@ def write_review(root: str | os.PathLike) -> Path:
         summary = upgrade_summary(summary) if summary is not None else summarize(records)
         title = os.path.relpath(eval_dir, root)
         tag_counts.update(_tag(r) for r in records if r.get("error") or not r.get("success"))
-        body.append(f"<h2>{html.escape('evaluation' if title == '.' else title)}</h2>")
+        body.append(f'<h2 id="{html.escape(short_name(title))}">{html.escape("evaluation" if title == "." else title)}</h2>')
         body.append(f'<div class="config">{html.escape(_config_line(summary))}</div>')
         body.append(html_table(summary))
         body.append(_tag_table(summary, records))

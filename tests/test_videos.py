@@ -212,8 +212,8 @@ def test_side_by_side_plays_both_configurations_under_one_control(tmp_path):
     html = write_review(root).read_text()
     # discordant episodes first, before the per-job galleries; both configurations named
     assert html.index("Side by side") < html.index("Succeeded in one") < html.index("Failed in both") < html.index(
-        "<h2>job0_steps=1</h2>")
-    assert "A: steps=1 (job0_steps=1)" in html and "B: steps=10 (job1_steps=10)" in html
+        '<h2 id="job0">job0_steps=1</h2>')
+    assert "A: steps=1 (job0)" in html and "B: steps=10 (job1)" in html
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
