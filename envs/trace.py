@@ -14,6 +14,7 @@ to 0.1 mm):
     eef        [x, y, z] of the grip site (robosuite's eef, between the fingertips)
     gripper    finger gap, qpos[0] - qpos[1] of the Panda fingers (about 0.078 open, 0.008 shut on nothing)
     obj        [x, y, z] of the goal object's root body (what LIBERO's predicates compare), or of the site
+    quat       [x, y, z, w] its orientation (robosuite's order; null for a site)
     bottom     height of the object's underside (its collision geoms' lowest point)
     reach      distance from the grip site to the object's world bounding box (0 inside it)
     contact    both finger pads touch the object's geoms (robosuite's own grasp test,
@@ -98,12 +99,13 @@ class Tracer:
         eef = np.asarray(self.data.site_xpos[self.grip_site], dtype=np.float64)
         q = raw_obs["robot0_gripper_qpos"]
         out: dict[str, Any] = {"step": int(step), "object": self.name, "placement": self.placement,
-                               "eef": _r(eef), "gripper": _r(q[0] - q[1]), "obj": None, "bottom": None,
+                               "eef": _r(eef), "gripper": _r(q[0] - q[1]), "obj": None, "quat": None, "bottom": None,
                                "reach": None, "contact": False, "goal": None}
         if self.bodies is not None:
             lo, hi, _ = _bboxes(self.model, self.data, self.bodies)
             pos = self.data.xpos[self.bodies[0]]
-            out["obj"], out["bottom"] = _r(pos), _r(lo[2])
+            w, x, y, z = self.data.xquat[self.bodies[0]]
+            out["obj"], out["quat"], out["bottom"] = _r(pos), _r(np.array([x, y, z, w])), _r(lo[2])
             out["reach"] = _r(np.linalg.norm(np.maximum(0.0, np.maximum(lo - eef, eef - hi))))
             out["contact"] = self._touching()
             underside = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]])

@@ -138,12 +138,19 @@ class Trace:
     def finish(self, rec: dict[str, Any], failure: str) -> dict[str, Any]:
         """The traces.jsonl line of a finished episode (`rec`: its result line)."""
         first = self.points[0] if self.points else {}
-        keep = ("step", "eef", "gripper", "obj", "bottom", "reach", "contact", "goal")
+        keep = ("step", "eef", "gripper", "obj", "quat", "bottom", "reach", "contact", "goal")
+        z0 = first["obj"][2] if first.get("obj") else None
+
+        def derived(p: dict[str, Any]) -> dict[str, Any]:  # what the rules read, stored for whoever reads the file
+            if z0 is None or p.get("obj") is None:
+                return {"lift": None, "held": False}
+            return {"lift": round(p["obj"][2] - z0, 4), "held": _held(p, z0)}
+
         return {
             **{k: rec[k] for k in ("suite", "task_id", "init_state_id", "seed")},
             "failure": failure,
             "object": first.get("object"),
             "placement": first.get("placement"),
             "facts": facts(self.points),
-            "points": [{k: p.get(k) for k in keep} for p in self.points],
+            "points": [{**{k: p.get(k) for k in keep}, **derived(p)} for p in self.points],
         }

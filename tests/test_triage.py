@@ -76,6 +76,8 @@ def test_trace_collects_points_and_writes_its_line():
     assert line["failure"] == "dropped" and line["object"] == "bowl_1" and line["init_state_id"] == 3
     assert line["facts"]["lifted"] is True and line["facts"]["max_lift_m"] == pytest.approx(0.08)
     assert "object" not in line["points"][0] and json.loads(json.dumps(line)) == line
+    assert [p["held"] for p in line["points"]] == [False, False, False, True, True, True, False, False]
+    assert line["points"][4]["lift"] == pytest.approx(0.05)
 
 
 # ----- the env's trace point ----------------------------------------------------------------------------
@@ -89,6 +91,7 @@ def test_trace_point_follows_the_goal_object_on_a_real_scene():
         p = env.trace_point()
         assert p["object"] == "akita_black_bowl_1" and p["placement"] is True and p["step"] == 0
         assert p["reach"] > 0.15 and not p["contact"] and 0.076 < p["gripper"] < 0.08  # far, open hand
+        assert len(p["quat"]) == 4 and abs(sum(q * q for q in p["quat"]) - 1) < 1e-3
         assert p["goal"] > 0.08  # the bowl starts next to the plate, not on it
         plate = env.privileged_state()["objects"]["plate_1"]
         env.set_object_pose("akita_black_bowl_1", [*plate["pos"][:2], plate["bbox_max"][2] + 0.01])
