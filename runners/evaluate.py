@@ -29,10 +29,11 @@ from runners.pool import EnvPool, Episode
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
-from runners.rundir import (NOT_HASHED, SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, result_settings,  # noqa: F401
-                            summarize, write_json)
+from runners.rundir import NOT_HASHED  # noqa: F401  (moved to runners/rundir.py; importable here as before)
+from runners.rundir import SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, result_settings, summarize, write_json
 from runners.tables import failure_markdown, markdown_table, text_table
 from videos.recorder import VideoRecorder
+
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the settings that decide results (runners.rundir.NOT_HASHED are left out)."""

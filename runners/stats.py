@@ -15,7 +15,7 @@ Paired comparisons (two configurations run on the same episodes):
   pairs, and had close to nominal coverage in Newcombe's evaluation.
   Written out here because neither scipy nor a released statsmodels (0.15.0) has it: statsmodels'
   `confint_proportions_paired` exists only in its development branch, and statsmodels would bring
-  pandas, patsy and formulaic (~70 MB) for one formula. The formula is tested against Newcombe's
+  pandas, patsy and formulaic (its 0.15.0 wheel alone is 12 MB) for one formula. It is tested against Newcombe's
   published worked examples (tests/test_compare.py).
 """
 
