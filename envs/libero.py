@@ -7,13 +7,15 @@ to 224, the 8-D state (eef position, eef axis-angle, gripper qpos) and `task.lan
 
 Only LIBERO's upstream API is used (`libero.libero.benchmark`, `libero.libero.envs.OffScreenRenderEnv`),
 so any LIBERO install works. robosuite is imported lazily, after the OpenGL backend is chosen.
+Any suite of envs/suites.py runs, the LIBERO-PRO variants included (see `task_prompt` for their prompt).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -21,6 +23,7 @@ from gymnasium import spaces
 from openpi_client.image_tools import resize_with_pad  # openpi's own resize (what Pi0.5 trained on)
 
 from envs.images import upright
+from envs.quiet import quiet_libero_stdout, quiet_robosuite
 from envs.rendering import select_gl_backend
 from envs.suites import check_task_id, get_suite
 
@@ -36,11 +39,49 @@ def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     return np.asarray(quat_xyzw[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
 
 
+CAMERAS = ("agentview", "robot0_eye_in_hand")  # LIBERO's agent view and wrist camera, as openpi uses them
+
+
+def task_prompt(suite: str, task, language_instruction: str) -> str:
+    """The instruction the policy gets: openpi's `task.language` (made from the task's file name), except
+    where a LIBERO-PRO variant changed the instruction inside the task file.
+
+    LIBERO-PRO's `_lan` and `_task` suites keep the base task's file names, so their `task.language` is
+    the *base* instruction; their own ("lift the black bowl ... and set it on the plate", or another task
+    altogether) is only the file's `:language`, which LIBERO-PRO's runner sends. So: where the variant's
+    `:language` differs from that of the base suite's file of the same name, send it; otherwise (the
+    standard suites, scene-only variants like `_swap` or `_with_mug`) send `task.language`, as openpi does.
+    """
+    from envs.suites import base_suite
+
+    base = base_suite(suite)
+    if base == suite:
+        return task.language
+    from libero.libero import get_libero_path
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    base_file = os.path.join(get_libero_path("bddl_files"), base, task.bddl_file)
+    if os.path.isfile(base_file) and get_problem_info(base_file)["language_instruction"] != language_instruction:
+        return str(language_instruction)
+    return task.language
+
+
 class LiberoEnv(gym.Env):
     """One LIBERO task. `reset(options={"init_state_id": k})` starts from the task's k-th fixed initial state.
 
     `options` may also carry `task_id` to switch this environment to another task of its suite (the
     simulator is rebuilt), which lets a pool of worker processes run every task of a suite.
+
+    Rendering on demand: `set_rendering(False)` makes the following steps skip the cameras (their
+    images are black and `info["rendered"]` is False) until `set_rendering(True)`; a runner that looks
+    at one observation in five renders one step in five. Physics never depend on it, and a rendered
+    step's pixels are exactly those of an env that renders every step: robosuite samples a camera
+    at a fixed sub-step of each control step, and only the render call itself is skipped, not that
+    sampling schedule.
+
+    Reset hooks (`add_reset_hook`) run after the init state is loaded and before the settle steps; the
+    perturbation wrappers in envs/perturb/ use them to move the robot or objects, the camera or the
+    lights. With no hook set, reset is exactly openpi's.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -74,6 +115,9 @@ class LiberoEnv(gym.Env):
         # cameras=False skips rendering (10x faster on a CPU) for policies that read the privileged
         # state instead of images; the images are then black. Physics and success are unchanged.
         self.cameras = bool(cameras)
+        self._render = self.cameras  # render the cameras on the next steps (set_rendering)
+        self.render_seconds = 0.0  # time spent rendering and preparing images, for profiling runners
+        self._rendered = self.cameras  # whether the last observation's images were rendered
 
         img = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(
@@ -82,16 +126,20 @@ class LiberoEnv(gym.Env):
         self.action_space = spaces.Box(-1.0, 1.0, (7,), np.float32)
 
         select_gl_backend()
+        quiet_robosuite()
         from libero.libero import benchmark
 
-        self._benchmark = benchmark.get_benchmark_dict()[self.suite]()
+        with quiet_libero_stdout():
+            self._benchmark = benchmark.get_benchmark_dict()[self.suite]()
         self._sim = None  # LIBERO's OffScreenRenderEnv, built for self.task_id
         self.task_id = -1
         self._load_task(int(task_id))
         self.init_state_id = 0
+        self.episode_seed = self.default_seed  # the seed of the current episode (reset's, else default)
         self._step = 0
         self._raw: dict[str, np.ndarray] | None = None
         self._tracer = None  # envs/trace.py Tracer of the current task's simulator, built on first use
+        self._reset_hooks: list[Callable[[LiberoEnv], bool]] = []
 
     # ----- task switching -------------------------------------------------------------------------
     def _load_task(self, task_id: int) -> None:
@@ -112,13 +160,64 @@ class LiberoEnv(gym.Env):
             # robosuite refuses to step past its horizon; keep it beyond anything we run.
             horizon=self.settle_steps + self.max_steps + 10,
         )
+        self._gate_cameras()
         self.task_id = task_id
-        self.task = task.language  # what openpi sends as the prompt (not env.language_instruction)
+        self.task = task_prompt(self.suite, task, self._sim.language_instruction)
         self._init_states = np.asarray(self._benchmark.get_task_init_states(task_id))
+
+    def _gate_cameras(self) -> None:
+        """Put a switch in front of robosuite's camera sensors (again after every hard reset, which
+        makes new ones): when rendering is off they return a cached black frame without rendering."""
+        if not self.cameras:
+            return
+        observables = self._sim.env._observables
+        for cam in CAMERAS:
+            obs = observables[f"{cam}_image"]
+            inner = getattr(obs._sensor, "__wrapped__", obs._sensor)
+            black = np.zeros((self.camera_size, self.camera_size, 3), dtype=np.uint8)
+
+            def gated(obs_cache, inner=inner, black=black):
+                if not self._render:
+                    return black
+                t0 = time.perf_counter()
+                frame = inner(obs_cache)
+                self.render_seconds += time.perf_counter() - t0
+                return frame
+
+            gated.__wrapped__ = inner
+            gated.__modality__ = getattr(inner, "__modality__", "image")
+            obs._sensor = gated
+
+    def set_rendering(self, on: bool) -> None:
+        """Render the cameras on the steps that follow (default), or skip them; see the class docstring."""
+        self._render = bool(on) and self.cameras
 
     @property
     def num_init_states(self) -> int:
         return len(self._init_states)
+
+    @property
+    def robosuite_env(self):
+        """LIBERO's robosuite environment for the current task (MuJoCo model and data at `.sim`), for
+        perturbations and tests. It is rebuilt on every reset (hard reset) and on a task switch."""
+        return self._sim.env
+
+    # ----- reset hooks --------------------------------------------------------------------------------
+    def add_reset_hook(self, hook: Callable[[LiberoEnv], bool]) -> None:
+        """Call `hook(env)` on every reset, after the init state is loaded and before the settle steps.
+
+        Hooks run in the order they were added. The hook may change the MuJoCo model or state (then it
+        must call `sim.forward()`) and returns True if it changed anything: with `settle_steps=0` the
+        observation is then re-read, so that it shows the change. `env.suite`, `task_id`, `init_state_id`
+        and `episode_seed` already name the new episode when a hook runs.
+        """
+        if not callable(hook):
+            raise TypeError(f"a reset hook must be callable, got {hook!r}")
+        self._reset_hooks.append(hook)
+
+    def remove_reset_hook(self, hook: Callable[[LiberoEnv], bool]) -> None:
+        """Undo `add_reset_hook` (a ValueError if `hook` was never added)."""
+        self._reset_hooks.remove(hook)
 
     # ----- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -135,13 +234,28 @@ class LiberoEnv(gym.Env):
                 f"{self.num_init_states} initial states (0..{self.num_init_states - 1})"
             )
         self.init_state_id = k
+        self.episode_seed = self.default_seed if seed is None else int(seed)
         # LIBERO's env.seed seeds NumPy's global generator (placement sampling); reseeding on every
         # reset makes an episode depend only on (task, init state, seed), not on what ran before.
-        self._sim.seed(self.default_seed if seed is None else int(seed))
+        self._sim.seed(self.episode_seed)
         self._sim.reset()
+        self._gate_cameras()  # a hard reset made new camera sensors
+        render = self._render
+        # Only the observation reset returns is looked at: render for it alone.
+        self._render = render and self.settle_steps == 0
         self._raw = self._sim.set_init_state(self._init_states[k])
-        for _ in range(self.settle_steps):
+        changed = False
+        for hook in self._reset_hooks:
+            changed = bool(hook(self)) or changed
+        if changed and self.settle_steps == 0:
+            # The settle steps would render the changed scene; without them, render it here.
+            self._sim.env._update_observables(force=True)
+            self._raw = self._sim.env._get_observations()
+        for i in range(self.settle_steps):
+            self._render = render and i == self.settle_steps - 1
             self._raw, _, _, _ = self._sim.step(SETTLE_ACTION.tolist())
+        self._render = render
+        self._rendered = render
         self._step = 0
         return self._observation(), self._info(success=False)
 
@@ -155,6 +269,7 @@ class LiberoEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         # Passed through without clipping, as openpi does; robosuite clips to its controller limits.
         self._raw, _, done, _ = self._sim.step(action.tolist())
+        self._rendered = self._render
         self._step += 1
         success = bool(done)
         truncated = not success and self._step >= self.max_steps
@@ -163,7 +278,7 @@ class LiberoEnv(gym.Env):
     def render(self):
         if self._raw is None:
             raise RuntimeError("call reset() before render()")
-        if not self.cameras:
+        if not self._rendered:
             return np.zeros((self.camera_size, self.camera_size, 3), dtype=np.uint8)
         return upright(self._raw["agentview_image"])
 
@@ -182,14 +297,17 @@ class LiberoEnv(gym.Env):
         state = np.concatenate(
             [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         )
-        if not self.cameras:
+        if not self._rendered:
             black = np.zeros((size, size, 3), dtype=np.uint8)
             return {"image": black, "wrist_image": black.copy(), "state": state.astype(np.float32)}
-        return {
+        t0 = time.perf_counter()
+        obs = {
             "image": resize_with_pad(upright(raw["agentview_image"]), size, size),
             "wrist_image": resize_with_pad(upright(raw["robot0_eye_in_hand_image"]), size, size),
             "state": state.astype(np.float32),
         }
+        self.render_seconds += time.perf_counter() - t0
+        return obs
 
     def _info(self, success: bool) -> dict[str, Any]:
         return {
@@ -199,6 +317,7 @@ class LiberoEnv(gym.Env):
             "task_id": self.task_id,
             "init_state_id": self.init_state_id,
             "step": self._step,
+            "rendered": self._rendered,
         }
 
     # ----- privileged interface (for scripted controllers and tests) -------------------------------

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 
-def _subtree_bodies(model, root: int) -> list[int]:
+def subtree_bodies(model, root: int) -> list[int]:
+    """Body ids of `root` and everything attached below it."""
     parents = model.body_parentid
     bodies = []
     for b in range(model.nbody):
@@ -39,7 +40,7 @@ def _subtree_bodies(model, root: int) -> list[int]:
 _SIGNS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
 
 
-def _bboxes(model, data, bodies: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bboxes(model, data, bodies: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """World AABB (min, max) of the bodies' collision geoms, and half sizes of their box in the frame
     of the first (root) body."""
     body_set = set(bodies)
@@ -66,7 +67,7 @@ def read_privileged_state(libero_env, raw_obs: dict[str, np.ndarray]) -> dict[st
     objects = {}
     for name, obj in {**libero_env.objects_dict, **libero_env.fixtures_dict}.items():
         body = sim.model.body_name2id(obj.root_body)
-        lo, hi, half = _bboxes(model, data, _subtree_bodies(model, body))
+        lo, hi, half = bboxes(model, data, subtree_bodies(model, body))
         w, x, y, z = data.xquat[body]
         objects[name] = {
             "pos": data.xpos[body].copy(),

@@ -10,7 +10,10 @@ import os
 import subprocess
 import sys
 
+# Mesa's software renderers (the Makefile's RENDER_PKGS lists the same packages for `make setup`).
 APT_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglib2.0-0 libosmesa6"
+# libglvnd's EGL loader, which dispatches to the NVIDIA driver's EGL library.
+NVIDIA_EGL_PACKAGES = "libegl1 libglvnd0 libopengl0"
 _CANDIDATES = ("egl", "osmesa")
 
 # A context of a few pixels is enough to prove the driver stack loads.
@@ -46,7 +49,11 @@ def select_gl_backend() -> str:
         else:
             raise RenderingUnavailable(
                 "No headless OpenGL backend works for MuJoCo (tried MUJOCO_GL=egl and MUJOCO_GL=osmesa). "
-                f"Install the system libraries: sudo apt-get install -y {APT_PACKAGES}"
+                f"On an NVIDIA GPU machine, MuJoCo renders on the GPU through EGL: install the EGL loader "
+                f"(sudo apt-get install -y {NVIDIA_EGL_PACKAGES}; the driver brings its EGL vendor library) and, if "
+                f"it is still not found, point glvnd at the driver's vendor file, e.g. "
+                f"export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/share/glvnd/egl_vendor.d/10_nvidia.json. To render on the "
+                f"CPU instead (slow, but anywhere): sudo apt-get install -y {APT_PACKAGES}"
             )
         os.environ["MUJOCO_GL"] = chosen
     if chosen in _CANDIDATES:

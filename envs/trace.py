@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.privileged import _bboxes, _subtree_bodies
+from envs.privileged import bboxes, subtree_bodies
 
 PLACEMENTS = ("on", "in")
 
@@ -68,14 +68,14 @@ class Tracer:
         self.bodies = self.site = None
         if self.name in things:
             root = sim.model.body_name2id(things[self.name].root_body)
-            self.bodies = _subtree_bodies(self.model, root)
+            self.bodies = subtree_bodies(self.model, root)
             body_set = set(self.bodies)
             self.geoms = {g for g in range(self.model.ngeom) if self.model.geom_bodyid[g] in body_set}
         elif self.name is not None and self.name in libero_env.object_sites_dict:
             self.site = sim.model.site_name2id(self.name)
         self.target_bodies = self.target_site = None
         if target in things:
-            self.target_bodies = _subtree_bodies(self.model, sim.model.body_name2id(things[target].root_body))
+            self.target_bodies = subtree_bodies(self.model, sim.model.body_name2id(things[target].root_body))
         elif target is not None and target in libero_env.object_sites_dict:
             self.target_site = sim.model.site_name2id(target)
         gripper = libero_env.robots[0].gripper
@@ -102,7 +102,7 @@ class Tracer:
                                "eef": _r(eef), "gripper": _r(q[0] - q[1]), "obj": None, "quat": None, "bottom": None,
                                "reach": None, "contact": False, "goal": None}
         if self.bodies is not None:
-            lo, hi, _ = _bboxes(self.model, self.data, self.bodies)
+            lo, hi, _ = bboxes(self.model, self.data, self.bodies)
             pos = self.data.xpos[self.bodies[0]]
             w, x, y, z = self.data.xquat[self.bodies[0]]
             out["obj"], out["quat"], out["bottom"] = _r(pos), _r(np.array([x, y, z, w])), _r(lo[2])
@@ -119,7 +119,7 @@ class Tracer:
 
     def _goal_point(self) -> np.ndarray | None:
         if self.target_bodies is not None:
-            lo, hi, _ = _bboxes(self.model, self.data, self.target_bodies)
+            lo, hi, _ = bboxes(self.model, self.data, self.target_bodies)
             return np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, hi[2]])
         if self.target_site is not None:
             return np.asarray(self.data.site_xpos[self.target_site], dtype=np.float64)

@@ -12,6 +12,10 @@ A batch of observations is a dict of arrays with a leading batch dimension B:
     episode      list of B hashables  (when the runner knows them) an id per running episode, for
                                       policies that keep per-episode memory
     step         list of B int        (likewise) steps executed so far in each episode
+    prev_actions (B, H, 7) float      only for policies with `supports_rtc = True`, under real-time
+    prev_frozen  (B,) int             chunking: the previous chunk's actions from this step on (zeros
+    prev_overlap (B,) int             past its end), how many of them execute before the new chunk
+                                      arrives (to be continued exactly) and how many overlap it
 `infer` returns {"actions": (B, chunk_size, 7) float array} plus optional extra keys; an optional
 "errors" list of B entries (None or a message) marks rows the policy could not serve.
 """
@@ -29,6 +33,10 @@ ACTION_DIM = 7
 class Policy(Protocol):
     chunk_size: int  # actions per call  # openpi: action_horizon
     needs_privileged: bool
+    # Optional attributes the runner reads with a default: `needs_images` (True: the runner renders the
+    # cameras for the observations it sends), `supports_rtc` (False), `identity` (None: what, besides the
+    # config, decides the actions; hashed into the run's config hash), `prepare(max_batch)` (compile
+    # ahead of the first episode; returns seconds per batch size).
 
     def infer(self, batch: dict[str, Any]) -> dict[str, Any]: ...
 

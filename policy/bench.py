@@ -2,6 +2,8 @@
 
     python -m policy.bench                                  # eager and compile, batch 1/16, steps 1/3/10
     python -m policy.bench --backends eager,compile,fp8 --out bench.json
+    python -m policy.bench --backends eager,compile,compile:expert_kernels=triton --batch 1 --steps 10
+    python -m policy.bench --profile --backends compile --batch 1 --steps 1   # kernel times per stage
 
 Real-size `pi05_libero` with random weights (speed does not depend on the values), 2 cameras (the
 third slot masked, as LIBERO), a LIBERO-length prompt. For each backend, batch size and step count:
@@ -9,6 +11,8 @@ p50/p95 of a full sample (inputs already on the GPU; the policy's host-side prep
 included) and of its parts (vision, prefix, denoise loop), timed with CUDA events after warm-up;
 warm-up time (compilation and graph capture); peak GPU memory; speed-up over `eager` from the same
 run; and the max / mean absolute difference of the actions from `eager` on the same inputs and noise.
+A backend spec takes options after a colon, separated by "/": `compile:expert_kernels=triton/attention=sdpa`.
+Rows of samplers with fused kernels carry each kernel's check against its torch reference ("kernels").
 """
 
 from __future__ import annotations
@@ -22,27 +26,21 @@ import numpy as np
 import torch
 
 from policy.backends import make_sampler
+from policy.pi05.examples import example_inputs
 from policy.pi05.weights import random_model
 
 
-def make_inputs(cfg, batch: int, prompt_tokens: int, device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    size = cfg.image_size
-    images = [torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for _ in range(3)]
-    images[2].fill_(-1.0)  # LIBERO: the right wrist slot is padding
-    masks = [torch.ones(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)]
-    tokens = torch.zeros(batch, cfg.max_token_len, dtype=torch.long)
-    tokens[:, :prompt_tokens] = torch.randint(3, cfg.vocab_size, (batch, prompt_tokens), generator=g)
-    tokens[:, 0] = 2  # BOS
-    token_masks = tokens != 0
-    noise = torch.randn(batch, cfg.chunk_size, cfg.action_dim, generator=g)
-    to = lambda t: t.to(device)  # noqa: E731
-    return [to(x) for x in images], [to(m) for m in masks], to(tokens), to(token_masks), to(noise)
-
-
 def time_fn(fn, iters: int, warmup: int = 3) -> np.ndarray:
+    """Milliseconds of each of `iters` calls after `warmup`: CUDA events on a GPU, else the host clock."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():  # CPU (the benchmark's own test)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+        return np.asarray(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -72,13 +70,12 @@ def profile(spec: str, batch: int, steps: int, prompt_tokens: int, config="pi05_
     label, name, options = parse_backend(spec)
     device = torch.device("cuda")
     model = random_model(config, device=device, dtype=torch.bfloat16)
-    inputs = make_inputs(model.config, batch, prompt_tokens, device)
+    inputs = example_inputs(model.config, batch, prompt_tokens, device)
     sampler = make_sampler(name, model, num_steps=steps, **options)
     stages = sampler.stages(*inputs)
     graphs = {k: float(np.percentile(time_fn(fn, 20), 50)) for k, fn in stages.items()}
-    if hasattr(sampler, "cuda_graphs"):
-        sampler.cuda_graphs = False  # run the stages' kernels one by one so the profiler sees each
-    for stage, fn in sampler.stages(*inputs).items():
+    # the stages' kernels one by one (no CUDA graph), so the profiler sees each
+    for stage, fn in sampler.stages(*inputs, graphs=False).items():
         fn()
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -96,7 +93,7 @@ def warmup_only(spec: str, batch: int, steps: int, prompt_tokens: int, config="p
     label, name, options = parse_backend(spec)
     device = torch.device("cuda")
     model = random_model(config, device=device, dtype=torch.bfloat16)
-    inputs = make_inputs(model.config, batch, prompt_tokens, device)
+    inputs = example_inputs(model.config, batch, prompt_tokens, device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     make_sampler(name, model, num_steps=steps, **options)(*inputs)
@@ -123,51 +120,73 @@ def warmup_check(spec: str, batch: int, steps: int, prompt_tokens: int) -> dict:
     return {"backend": spec, "batch": batch, "steps": steps, "first_process_s": times[0], "second_process_s": times[1]}
 
 
-def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0):
-    device = torch.device("cuda")
+def measure(name: str, steps: int, options: dict, model, inputs, iters: int, t0: float, warmup: int = 3) -> dict:
+    """One backend at one shape: warm-up (from t0), p50/p95 of the full call and of each stage, peak
+    memory, the actions, and the fused kernels' checks if it has any."""
+    cuda = inputs[4].device.type == "cuda"
+    sampler = make_sampler(name, model, num_steps=steps, **options)
+    actions = sampler(*inputs).float()
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    full = time_fn(lambda: sampler(*inputs), iters, warmup)
+    parts = {k: time_fn(fn, iters, warmup) for k, fn in sampler.stages(*inputs).items()}
+    row = {
+        "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
+        **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
+        **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
+        "warmup_s": warmup_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "actions": actions,
+    }
+    kernels = getattr(sampler, "kernel_status", None)  # fused kernels: their checks, and any fallback
+    if kernels:
+        row["kernels"] = kernels
+    return row
+
+
+def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libero", seed=0, device="cuda",
+          on_row=None, warmup: int = 3):
+    """Rows of measurements (see the module docstring); `on_row(rows)` after each, e.g. to save them."""
+    device = torch.device(device)
     model = random_model(config, seed=seed, device=device, dtype=torch.bfloat16)
     cfg = model.config
     rows = []
     for batch in batches:
-        inputs = make_inputs(cfg, batch, prompt_tokens, device)
+        inputs = example_inputs(cfg, batch, prompt_tokens, device)
         reference = {}
         for steps in steps_list:
             for spec in backends:
                 label, name, options = parse_backend(spec)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 if name == "fp8" and "calibration" not in options:
                     # calibrate on representative data (another draw of the benchmark's inputs), as a user would
-                    options = dict(options, calibration=[make_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
+                    options = dict(options, calibration=[example_inputs(cfg, 1, prompt_tokens, device, seed=seed + 1)[:4]])
                 try:
-                    sampler = make_sampler(name, model, num_steps=steps, **options)
-                    actions = sampler(*inputs)
-                    torch.cuda.synchronize()
+                    row = measure(name, steps, options, model, inputs, iters, t0, warmup)
                 except Exception as exc:  # report and go on: one backend must not sink the table
                     rows.append({"backend": label, "batch": batch, "steps": steps, "error": f"{type(exc).__name__}: {exc}"})
                     print(f"{label} batch {batch} steps {steps}: {type(exc).__name__}: {exc}", flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
-                warmup_s = time.perf_counter() - t0
-                full = time_fn(lambda: sampler(*inputs), iters)
-                parts = {k: time_fn(fn, iters) for k, fn in sampler.stages(*inputs).items()}
-                peak = torch.cuda.max_memory_allocated() / 2**30
+                actions = row.pop("actions")
                 if label == "eager":
-                    reference[steps] = actions.float()
+                    reference[steps] = actions
                 ref = reference.get(steps)
-                diff = (actions.float() - ref).abs() if ref is not None else None
-                row = {
-                    "backend": label, "batch": batch, "steps": steps,
-                    "p50_ms": float(np.percentile(full, 50)), "p95_ms": float(np.percentile(full, 95)),
-                    **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in parts.items()},
-                    **{f"{k}_p95_ms": float(np.percentile(v, 95)) for k, v in parts.items()},
-                    "warmup_s": warmup_s, "peak_gib": peak,
-                    "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
-                    "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean()),
-                }
+                diff = (actions - ref).abs() if ref is not None else None
+                row = {"backend": label, "batch": batch, "steps": steps, **row,
+                       "max_abs_diff_vs_eager": None if diff is None else float(diff.max()),
+                       "mean_abs_diff_vs_eager": None if diff is None else float(diff.mean())}
+                fallbacks = [k for k, v in row.get("kernels", {}).items() if v.startswith("fallback")]
+                if fallbacks:  # the numbers are then not the kernels': an error row (measurements kept in the JSON)
+                    row["error"] = f"fused kernels fell back to torch: {', '.join(fallbacks)} (see 'kernels')"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del sampler
+                if on_row is not None:
+                    on_row(rows)
     eager = {(r["batch"], r["steps"]): r["p50_ms"] for r in rows if r["backend"] == "eager" and "p50_ms" in r}
     for r in rows:
         if "p50_ms" in r and (r["batch"], r["steps"]) in eager:
@@ -186,8 +205,11 @@ def table(rows, gpu: str) -> str:
         d = lambda k: "-" if r.get(k) is None else f"{r[k]:.1e}"  # noqa: E731
         out.append(f"{r['backend']:<24} {r['batch']:>3} {r['steps']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
                    f"{r['vision_p50_ms']:>7.2f} {r['prefix_p50_ms']:>7.2f} {r['denoise_p50_ms']:>8.2f} "
-                   f"{r.get('speedup_vs_eager', float('nan')):>7.2f}x {r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} "
+                   f"{r.get('speedup_vs_eager', float('nan')):>7.2f}x {r['warmup_s']:>8.1f} {'-' if r['peak_gib'] is None else format(r['peak_gib'], '.2f'):>8} "
                    f"{d('max_abs_diff_vs_eager'):>8} {d('mean_abs_diff_vs_eager'):>8}")
+    for r in rows:  # fused kernels: each one's check against its torch reference, and any fallback
+        for kernel, status in r.get("kernels", {}).items():
+            out.append(f"  {r['backend']} B={r['batch']} steps={r['steps']} {kernel}: {status}")
     return "\n".join(out)
 
 
@@ -219,12 +241,17 @@ def main(argv=None):
         for spec in args.backends.split(","):
             profile(spec, ints(args.batch)[0], ints(args.steps)[0], args.prompt_tokens, args.config)
         return
-    rows = bench(args.backends.split(","), ints(args.batch), ints(args.steps), args.prompt_tokens, args.iters, args.config)
     gpu = torch.cuda.get_device_name(0)
-    result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-              "config": args.config, "prompt_tokens": args.prompt_tokens, "cameras": 2, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+
+    def save(rows):  # after every row: a run cut short still leaves what it measured
+        result = {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+                  "config": args.config, "prompt_tokens": args.prompt_tokens, "cameras": 2, "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    rows = bench(args.backends.split(","), ints(args.batch), ints(args.steps), args.prompt_tokens, args.iters,
+                 args.config, on_row=save)
+    save(rows)  # with the speed-ups
     print(table(rows, gpu))
 
 

@@ -7,6 +7,7 @@ checkpoint, tokenizer, norm stats) is checked before the weights are read.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 
 from policy.backends import get_backend
+from policy.backends.rtc import Guide, prefix_weights
 from policy.base import batch_size
+from policy.pi05.checkpoints import checkpoint_identity, is_lerobot_checkpoint, load_model, resolve_checkpoint
 from policy.pi05.config import get_config
 from policy.pi05.tokenizer import PaligemmaTokenizer, default_tokenizer_path
-from policy.pi05.transforms import NormStats, find_norm_stats, to_libero_actions, to_model_images
-from policy.pi05.checkpoints import checkpoint_identity, is_lerobot_checkpoint, load_model, resolve_checkpoint
+from policy.pi05.transforms import LIBERO_ACTION_DIM, NormStats, find_norm_stats, to_libero_actions, to_model_images
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Pi05Policy:
     num_steps:  denoising (Euler) steps (the `steps` setting). backend: eager | compile | fp8 | tensorrt.
     images:     `upright` (LiberoEnv's frames, rotated 180 degrees from MuJoCo's as openpi trained) or
                 `raw` (rotated back, for checkpoints trained on MuJoCo's raw frames).
+    rtc_beta:   real-time chunking's guidance weight clip (execution=rtc; the paper's beta).
     max_batch:  the largest batch `prepare` readies; backends with static shapes pad every call to the
                 next of BATCH_BUCKETS, so a batch size never seen before compiles nothing.
     """
@@ -62,7 +65,8 @@ class Pi05Policy:
     def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None, num_steps: int = 10,
                  device: str | None = None, dtype: str = "bfloat16", backend: str = "eager",
                  config: str = "pi05_libero", norm_stats: str | None = None, asset_id: str | None = None,
-                 seed: int = 0, images: str = "upright", backend_options: dict[str, Any] | None = None):
+                 seed: int = 0, images: str = "upright", rtc_beta: float = 5.0,
+                 backend_options: dict[str, Any] | None = None):
         sampler_cls = get_backend(backend)
         cfg = get_config(config)
         if images not in IMAGE_ORIENTATIONS:
@@ -96,12 +100,34 @@ class Pi05Policy:
         self.sampler = sampler_cls(self.model, num_steps=self.num_steps, **(backend_options or {}))
         # Static-shape backends compile and capture per batch size: pad to a few sizes instead.
         self.static_shapes = backend != "eager"
+        # Real-time chunking (policy/backends/rtc.py) where the backend implements it.
+        self.supports_rtc = bool(getattr(self.sampler, "supports_rtc", False))
+        self.rtc_beta = float(rtc_beta)
         self.seed = int(seed)
         self.reset()
 
     def reset(self) -> None:
-        # Seeded noise: the same observation gives the same chunk in every run (openpi draws fresh noise).
+        # Seeded noise (openpi draws fresh noise): batches without episode ids draw from this generator.
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def _noise(self, batch: dict[str, Any], b: int) -> torch.Tensor:
+        """(b, chunk, action_dim) initial noise. When the runner names each row's episode and step, a
+        row's noise depends on (seed, episode, step) alone, not on which other rows share its batch or
+        in what order, so an episode is reproducible however the pool's timing groups the calls, and
+        every configuration of a sweep starts each episode's flow from the same noise."""
+        shape = (self.chunk_size, self.config.action_dim)
+        episodes, steps = batch.get("episode"), batch.get("step")
+        if episodes is None or steps is None:
+            return torch.randn(b, *shape, generator=self._generator, device=self.device)
+        rows = []
+        for episode, step in zip(episodes, steps):
+            if episode is None:  # a row without an id (a mixed server batch): the shared generator's
+                rows.append(torch.randn(shape, generator=self._generator, device=self.device).cpu())
+                continue
+            key = hashlib.sha256(repr((self.seed, tuple(episode), int(step))).encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+            rows.append(torch.randn(shape, generator=g))
+        return torch.stack(rows).to(self.device)
 
     def padded_size(self, b: int) -> int:
         """The batch size a call of `b` rows runs at (the next bucket for static-shape backends)."""
@@ -126,6 +152,21 @@ class Pi05Policy:
         self._generator.set_state(state)  # warm-up draws no noise the evaluation would see
         return timings
 
+    def _guide(self, batch: dict[str, Any], rows: int) -> Guide:
+        """Real-time chunking's target and weights from the runner's previous chunks (policy/base.py):
+        the previous actions normalized into the model's space, guided on LIBERO's 7 dimensions only."""
+        if not self.supports_rtc:
+            raise ValueError(f"backend {self.backend!r} does not implement real-time chunking; use eager or compile")
+        h, dim = self.chunk_size, self.config.action_dim
+        prev = np.asarray(batch["prev_actions"], dtype=np.float32)[:, :h]
+        target = np.zeros((len(prev), h, dim), np.float32)
+        target[:, : prev.shape[1], :LIBERO_ACTION_DIM] = self.norm_stats.normalize("actions", prev[..., :LIBERO_ACTION_DIM])
+        frozen = torch.as_tensor(np.asarray(batch["prev_frozen"]), dtype=torch.long)
+        overlap = torch.as_tensor(np.minimum(np.asarray(batch["prev_overlap"]), prev.shape[1]), dtype=torch.long)
+        weights = prefix_weights(frozen, overlap, h)[:, :, None].numpy() * (np.arange(dim) < LIBERO_ACTION_DIM)
+        target, weights = _guide_rows(target, rows), _guide_rows(weights.astype(np.float32), rows)
+        return Guide(torch.from_numpy(target).to(self.device), torch.from_numpy(weights).to(self.device), self.rtc_beta)
+
     def _prompts(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         states = None
         if self.config.discrete_state_input:
@@ -142,20 +183,28 @@ class Pi05Policy:
         images, masks = to_model_images(batch, self.config.image_size)
         tokens, token_masks = self._prompts(batch)
         # Noise for the real rows only, drawn exactly as an unpadded call would (padding rows get zeros).
-        noise = torch.randn(b, self.chunk_size, self.config.action_dim, generator=self._generator, device=self.device)
+        noise = self._noise(batch, b)
         padded = self.padded_size(b)
         if padded > b:
             images, masks, tokens, token_masks = (_pad_rows(x, padded) for x in (images, masks, tokens, token_masks))
             noise = torch.cat([noise, noise.new_zeros(padded - b, *noise.shape[1:])])
         dev = self.device
         images = [torch.from_numpy(x).to(dev, non_blocking=True) for x in images]
-        masks = [torch.from_numpy(m).to(dev) for m in masks]
-        tokens, token_masks = torch.from_numpy(tokens).to(dev), torch.from_numpy(token_masks).to(dev)
-        actions = self.sampler(images, masks, tokens, token_masks, noise)[:b].float().cpu().numpy()
+        # masks stay on the host: samplers read the batch's shape there, so the call never waits on the GPU
+        masks = [torch.from_numpy(m) for m in masks]
+        tokens, token_masks = torch.from_numpy(tokens).to(dev), torch.from_numpy(token_masks)
+        guide = self._guide(batch, padded) if "prev_actions" in batch else None
+        extra = {"guide": guide} if guide is not None else {}
+        actions = self.sampler(images, masks, tokens, token_masks, noise, **extra)[:b].float().cpu().numpy()
         return {
             "actions": to_libero_actions(actions, self.norm_stats),
             "policy_timing": {"infer_ms": 1000 * (time.perf_counter() - t0), "batch": b, "padded_batch": padded},
         }
+
+
+def _guide_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """Pad rows of an RTC input with zeros (padding rows are not guided)."""
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)]) if n > len(x) else x
 
 
 def _pad_rows(x, n: int):

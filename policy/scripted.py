@@ -126,6 +126,7 @@ class ScriptedPolicy:
     std of the Gaussian noise on the translation/rotation actions (0: none)."""
 
     needs_privileged = True
+    needs_images = False  # it reads the privileged state: cameras are rendered only for videos
 
     def __init__(self, chunk_size: int = 10, gain: float = 1.5, damping: float = 4.0, speed: float = 1.0,
                  rim_margin: float = 0.012, action_noise: float = 0.0):
@@ -372,6 +373,8 @@ class ScriptedPolicy:
         actions = np.zeros((n, self.chunk_size, ACTION_DIM))
         errors: list[str | None] = [None] * n
         for i in range(n):
+            if int(steps[i]) == 0:  # an episode (or a retry of it) begins: forget any earlier attempt
+                self._memory.pop(episodes[i], None)
             if episodes[i] not in self._memory and len(self._memory) >= MAX_EPISODES_REMEMBERED:
                 del self._memory[next(iter(self._memory))]  # the oldest episode is long over
             mem = self._memory.setdefault(episodes[i], Memory())

@@ -14,6 +14,7 @@ class ZeroPolicy:
     """No motion with the gripper open: what LIBERO's settle steps send. Never succeeds."""
 
     needs_privileged = False
+    needs_images = False  # rendering skipped for it (runners/loop.py)
 
     def __init__(self, chunk_size: int = 10, delay_s: float = 0.0):
         self.chunk_size = int(chunk_size)
@@ -34,6 +35,7 @@ class RandomPolicy:
     """Uniform actions in [-scale, scale] (gripper in [-1, 1]), reproducible from `seed`."""
 
     needs_privileged = False
+    needs_images = False  # rendering skipped for it (runners/loop.py)
 
     def __init__(self, chunk_size: int = 10, scale: float = 1.0, seed: int = 0):
         self.chunk_size = int(chunk_size)

@@ -44,3 +44,37 @@ def build_policy(cfg: DictConfig):
         if exc.__cause__ is not None:
             raise exc.__cause__ from None
         raise
+
+
+REMOTE_TARGET = "policy.remote.RemotePolicy"
+PI05_TARGET = "policy.libero_policy.Pi05Policy"
+
+
+def is_remote(cfg: DictConfig) -> bool:
+    return str(cfg.policy.get("_target_", "")) == REMOTE_TARGET
+
+
+def policy_identity(cfg: DictConfig, policy=None) -> dict | None:
+    """What, beyond the config, decides the policy's actions: the weights' identity for Pi0.5 (a
+    checkpoint's content, not its path; read without loading it), the server's own account of itself
+    for a remote policy (its model, steps and backend; its host and port are not part of it)."""
+    target = str(cfg.policy.get("_target_", ""))
+    if target == PI05_TARGET:
+        from policy.pi05.checkpoints import checkpoint_identity
+
+        ident = checkpoint_identity(cfg.policy.get("checkpoint"))
+        return None if ident is None else {"checkpoint_sha256": ident["sha256"], "checkpoint_format": ident["format"]}
+    if policy is not None and getattr(policy, "identity", None) is not None:
+        return dict(policy.identity)
+    return None
+
+
+def explicit_overrides() -> set[str]:
+    """The config keys set on the command line (empty outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except (ValueError, ImportError):
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}

@@ -11,53 +11,75 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from envs.suites import INIT_STATES_PER_TASK, check_task_id, get_suite
+from envs.suites import check_task_id, get_suite
 from runners import CONF_DIR
-from runners.build import build_policy
+from runners.build import build_policy, explicit_overrides, is_remote, policy_identity
 from runners.chunking import check_chunking
 from runners.loop import EvaluationLoop, LoopSettings
-from runners.pool import EnvPool, Episode
+from runners.pool import EnvPool, Episode, render_environ
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
-from runners.rundir import NOT_HASHED  # noqa: F401  (moved to runners/rundir.py; importable here as before)
-from runners.rundir import SUMMARY_FILE, SUMMARY_MD, ResultsLog, policy_label, result_settings, summarize, write_json
+from runners.rundir import NOT_HASHED, REMOTE_NOT_HASHED  # noqa: F401  (moved to runners/rundir.py)
+from runners.rundir import (CONFIG_FILE, PROVENANCE_FILE, SUMMARY_FILE, SUMMARY_MD, ResultsLog, append_line,
+                            policy_label, result_settings, summarize, write_json)
 from runners.tables import failure_markdown, markdown_table, text_table
 from videos.recorder import VideoRecorder
 
-
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the settings that decide results (runners.rundir.NOT_HASHED are left out)."""
+def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
+    """Hash of everything that decides an episode's result: the config (minus runners.rundir's
+    NOT_HASHED and REMOTE_NOT_HASHED) and the policy's identity (runners/build.py policy_identity: a
+    checkpoint's content, a server's model)."""
     data = result_settings(OmegaConf.to_container(cfg, resolve=True))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    if identity is not None:
+        data["policy_identity"] = identity
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def plan_episodes(cfg: DictConfig) -> list[Episode]:
-    """Every (task, init state) the config asks for, after checking the ids against the suite."""
+    """Every (task, init state) the config asks for, after checking the ids against the suite (a
+    LIBERO-PRO suite may lack tasks or have fewer init states: envs/suites.py)."""
     suite = get_suite(cfg.suite)
-    tasks = list(range(suite.num_tasks)) if cfg.tasks is None else [int(t) for t in cfg.tasks]
+    tasks = list(suite.task_ids) if cfg.tasks is None else [int(t) for t in cfg.tasks]
     for t in tasks:
         check_task_id(suite.name, t)
+    n = suite.init_states
     if cfg.init_states is not None:
         states = [int(k) for k in cfg.init_states]
     else:
-        if not 1 <= int(cfg.episodes) <= INIT_STATES_PER_TASK:
-            raise ValueError(f"episodes must be 1..{INIT_STATES_PER_TASK} (LIBERO's init states per task), "
-                             f"got {cfg.episodes}")
+        if not 1 <= int(cfg.episodes) <= n:
+            raise ValueError(f"episodes must be 1..{n} ({suite.name}'s init states per task), got {cfg.episodes}")
         states = list(range(int(cfg.episodes)))
-    bad = [k for k in states if not 0 <= k < INIT_STATES_PER_TASK]
+    bad = [k for k in states if not 0 <= k < n]
     if bad:
-        raise ValueError(f"init_states {bad} out of range: LIBERO tasks have init states 0..{INIT_STATES_PER_TASK - 1}")
+        raise ValueError(f"init_states {bad} out of range: {suite.name} tasks have init states 0..{n - 1}")
     return [Episode(suite.name, t, k, int(cfg.seed)) for t in tasks for k in states]
+
+
+def perturb_specs(cfg: DictConfig) -> list[dict]:
+    """The `perturb` group (conf/perturb/) as envs.perturb specs, checked; `perturb.severity`, when set,
+    is every selected kind's severity."""
+    from envs.perturb import normalize_specs
+
+    group = dict(OmegaConf.to_container(cfg.get("perturb") or {}, resolve=True))
+    shared = group.pop("severity", None)
+    if shared is not None:
+        group = {name: {**spec, "severity": shared} for name, spec in group.items()}
+    if shared is not None and not group:
+        raise ValueError(f"perturb.severity={shared} but no perturbation is selected: add perturb=<kind> "
+                         f"(camera, lighting, image, robot_init, object_init, language)")
+    return normalize_specs(group)
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -82,63 +104,161 @@ def policy_name(cfg: DictConfig) -> str:
     return policy_label({"config": {"policy": OmegaConf.to_container(cfg.policy, resolve=True)}})
 
 
+def parse_latency(value) -> float | None:
+    """`latency_ms`: a number of milliseconds, or `measured` (None: each call's real latency)."""
+    if isinstance(value, str) and value.strip().lower() == "measured":
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"latency_ms must be a number of milliseconds or 'measured', got {value!r}") from None
+    if not ms >= 0 or ms == float("inf"):
+        raise ValueError(f"latency_ms must be >= 0 and finite, got {value!r}")
+    return ms
+
+
+def loop_settings(cfg: DictConfig) -> LoopSettings:
+    max_steps = cfg.env.get("max_steps") or get_suite(cfg.suite).max_steps
+    return LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
+                        execution=str(cfg.execution), latency_ms=parse_latency(cfg.latency_ms),
+                        max_steps=int(max_steps), view=int(cfg.env.image_size), video_stride=int(cfg.video_stride),
+                        render=str(cfg.get("render", "on_demand")))
+
+
+def _remote_settings(cfg: DictConfig, policy) -> None:
+    """A remote policy runs the server's steps and backend: record those, and refuse a run that asks
+    for others on the command line (its results would be labelled with settings it never ran)."""
+    asked = explicit_overrides()
+    for key, served in (("steps", getattr(policy, "num_steps", None)), ("backend", getattr(policy, "backend", None))):
+        if key in asked and served is not None and str(cfg[key]) != str(served):
+            raise ValueError(f"{key}={cfg[key]} was asked for, but the server at {policy.uri} runs {key}={served} "
+                             f"(a remote policy runs the server's settings): drop the override, or start the "
+                             f"server with {key}={cfg[key]}")
+        with open_dict(cfg):
+            cfg[key] = served  # None when the server does not say
+
+
+def perturb_stamp(specs: list[dict]) -> dict[str, Any]:
+    """What a result line records of the perturbations: their names and severities."""
+    return {"perturb": "+".join(s["name"] for s in specs) or "none",
+            "severity": {s["name"]: s["severity"] for s in specs}}
+
+
+def resolve_num_envs(value) -> int:
+    """`num_envs`: a number, or `auto`: one simulator process per CPU core but one (kept for the policy
+    and the loop), at least 1. Measured on a 16-core H200 box (docs/benchmarks/, README's GPU section)."""
+    if str(value).strip().lower() == "auto":
+        return max(1, (os.cpu_count() or 2) - 1)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_envs must be a positive number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"num_envs must be >= 1, got {n}")
+    return n
+
+
 def _terminate_gracefully(*_):
     # SIGTERM (Slurm preemption, kill) unwinds like Ctrl-C, so workers and video files are closed.
     raise SystemExit(143)
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, make_env=None) -> dict[str, Any]:
-    """Run the evaluation `cfg` describes into `out_dir` (default: Hydra's run directory).
+    """Run the evaluation `cfg` describes into `out_dir` (default: Hydra's run directory); returns
+    what it writes to summary.json.
 
     `policy` replaces the one `cfg.policy` would build (for policies made in code); `make_env`
     replaces the worker environment factory (see runners.pool.make_worker_env).
     """
     out = Path(out_dir) if out_dir is not None else _output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     episodes = plan_episodes(cfg)
+    settings = loop_settings(cfg)  # a bad execution, latency or chunking setting fails here
+    specs = perturb_specs(cfg)
+    check_chunking(settings.replan, settings.chunking, None)
+    resolve_num_envs(cfg.num_envs)
+    render_environ(cfg.render_device)
     if not cfg.env.get("cameras", True) and cfg.videos != "none":
         print("warning: env.cameras=false renders nothing, so the videos will be black; set videos=none",
               file=sys.stderr)
-    chash = config_hash(cfg)
-    results = ResultsLog(out, chash)
+    if policy is None and is_remote(cfg):
+        policy = build_policy(cfg)  # the server says what it runs; that is part of the config hash
+    if policy is not None and is_remote(cfg):
+        _remote_settings(cfg, policy)
+    identity = policy_identity(cfg, policy)
+    chash = config_hash(cfg, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    results = ResultsLog(out, chash)  # refuses results of another configuration before anything is written
     done = results.done(retry_errors=bool(cfg.retry_errors))
     todo = [e for e in episodes if e.key not in done]
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, out / CONFIG_FILE, resolve=True)
+    start = {"config_hash": chash, "policy_identity": identity, "episodes_planned": len(episodes),
+             "episodes_to_run": len(todo), **provenance()}
+    append_line(out / PROVENANCE_FILE, start)  # one line per (re)start: a resume never rewrites history
     if len(todo) < len(episodes):
         print(f"Resuming in {out}: {len(episodes) - len(todo)} of {len(episodes)} episodes already done.")
 
+    startup: dict[str, Any] = {}
     if todo:
+        t0 = time.perf_counter()
         if policy is None:
             policy = build_policy(cfg)  # before any simulator: a missing checkpoint fails in seconds
-        check_chunking(int(cfg.replan), cfg.chunking, getattr(policy, "chunk_size", None))
+        startup["policy_build_s"] = round(time.perf_counter() - t0, 2)
+        check_chunking(settings.replan, settings.chunking, getattr(policy, "chunk_size", None),
+                       delay_steps=settings.fixed_delay or 0)
+        if settings.execution == "rtc" and not getattr(policy, "supports_rtc", False):
+            raise ValueError(f"execution=rtc needs a policy that continues a previous chunk (Pi0.5); "
+                             f"{policy_name(cfg)} does not: use execution=async")
         previous = signal.signal(signal.SIGTERM, _terminate_gracefully) if _main_thread() else None
         env_kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True), suite=cfg.suite, task_id=todo[0].task_id)
-        max_steps = env_kwargs["max_steps"] or get_suite(cfg.suite).max_steps
         recorder = VideoRecorder(out / "videos", videos=cfg.videos, fps=int(cfg.video_fps), tag=chash[:8])
-        progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
-        pool = EnvPool(min(int(cfg.num_envs), len(todo)), env_kwargs, cfg.vectorization,
-                       **({"make_env": make_env} if make_env is not None else {}))
-        settings = LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
-                                max_steps=max_steps, view=int(cfg.env.image_size))
+        progress = None
+        stamp = {"git_commit": start.get("git_commit") or start.get("package_version"),
+                 "checkpoint_sha256": (identity or {}).get("checkpoint_sha256"), **perturb_stamp(specs)}
+        pool = None
         try:
+            t0 = time.perf_counter()
+            num_envs = min(resolve_num_envs(cfg.num_envs), len(todo))
+            print(f"Starting {num_envs} simulator worker(s) for {len(todo)} episode(s) of {cfg.suite}...", file=sys.stderr)
+            environ = render_environ(cfg.render_device, getattr(policy, "device", None))
+            pool = EnvPool(num_envs, env_kwargs, cfg.vectorization, wait=False, environ=environ, perturb=specs,
+                           **({"make_env": make_env} if make_env is not None else {}))
+            if hasattr(policy, "prepare"):  # compiles while the simulator workers start
+                prepared = policy.prepare(pool.num_envs)
+                if prepared:
+                    print(f"Policy ready for batch sizes {sorted(prepared)} in {sum(prepared.values()):.1f} s "
+                          "(compilation and graph capture, not counted as latency)", file=sys.stderr)
+                startup["policy_prepare_s"] = {str(b): round(t, 2) for b, t in prepared.items()}
+            pool.wait_ready()
+            startup["pool_start_s"] = round(time.perf_counter() - t0, 2)
+            progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
             policy.reset()
-            EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update).run(todo)
+            loop = EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update, stamp=stamp)
+            t0 = time.perf_counter()
+            loop.run(todo)
+            startup["loop_s"] = round(time.perf_counter() - t0, 2)
+            startup["num_envs"] = pool.num_envs
+            startup["phases"] = loop.phases.as_dict()
         finally:
-            pool.close()
-            progress.close()
+            if pool is not None:
+                pool.close()
+            if progress is not None:
+                progress.close()
             for err in recorder.close():
                 print(f"warning: a video could not be written: {err}", file=sys.stderr)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
-    summary = summarize([results.records[e.key] for e in episodes if e.key in results.records])
-    write_json(out / SUMMARY_FILE, {
+    summary = {
         "config_hash": chash,
         "policy_name": policy_name(cfg),
+        "policy_identity": identity,
+        **perturb_stamp(specs),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(),
-        **summary,
-    })
+        "run": startup,  # this invocation's start-up parts, loop time and phases (runners/bench_eval.py)
+        **summarize([results.records[e.key] for e in episodes if e.key in results.records]),
+    }
+    write_json(out / SUMMARY_FILE, summary)
     tags = failure_markdown(summary)
     (out / SUMMARY_MD).write_text(markdown_table(summary) + (f"\n## Failure tags\n\n{tags}" if tags else ""),
                                   encoding="utf-8")
@@ -148,7 +268,20 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     page = write_review(out)
     videos = f"\nVideos: {out / 'videos'}" if (out / "videos").is_dir() else ""
     print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}{videos}\nReview page: {page}")
+    if cfg.get("reproduce") and not _in_multirun():  # a sweep checks all its jobs together at its end
+        from runners.reproduce import markdown, report
+
+        print(markdown(report(out, str(cfg.reproduce))))
     return summary
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+    except ValueError:
+        return False
 
 
 def _main_thread() -> bool:

@@ -1,12 +1,28 @@
-"""The evaluation loop: a pool of environments, one batched policy call per tick, chunked actions.
+"""The evaluation loop: a pool of environments, batched policy calls, chunked actions, latency.
 
-Every tick: (1) the slots whose action queue ran dry are asked for a new chunk in ONE policy call;
-(2) every active slot gets its next action and all slots step together; (3) slots whose episode
-ended write their result line, and are given the next episode from the plan.
+Each slot of the pool runs its episodes one after another; the loop advances all slots in ticks.
+A tick: (1) slots whose episode is due a policy request (runners/chunking.py) are gathered into ONE
+batched policy call; (2) every slot that has an action for its current step is sent it, so its
+worker steps while (3) the main thread runs the policy; (4) slots that were waiting for that call
+(synchronous execution: the chunk is used at the step it was asked for) step next; (5) the step
+replies are collected, finished episodes write their result line, and their slot is sent its next
+episode. Starting an episode (a LIBERO reset rebuilds the MuJoCo model) runs in the slot's worker
+while the other slots go on stepping; the loop waits for starts only when no slot can step.
+
+Execution (`execution`): `sync` waits for every chunk (the simulator is frozen while the policy
+thinks, as openpi's example and lerobot-eval do); `async` keeps the simulator moving: a chunk asked
+at step k is used from step k + d, d = ceil(latency / 50 ms), where the latency is a fixed number
+(`latency_ms`, simulated time: deterministic, independent of the machine) or the call's measured
+wall time (`latency_ms=measured`); `rtc` is `async` with real-time chunking (the policy is given
+the previous chunk, which it must continue; policy/backends/rtc.py).
+
+Cameras are rendered only for the observations something looks at: the policy's (at request
+steps, when the policy uses images) and the video's (every `video_stride` steps while recording).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,13 +31,15 @@ from typing import Any, Callable
 import numpy as np
 
 from policy.base import check_actions
-from runners.chunking import ChunkExecutor
-from runners.pool import IDLE, EnvPool, Episode
+from runners.chunking import ChunkExecutor, delay_steps
+from runners.pool import EnvPool, Episode, Reply
 from runners.rundir import ResultsLog, latency_stats
 from runners.triage import Trace
 from videos.recorder import EpisodeVideo, VideoRecorder
 
 MAX_CONSECUTIVE_POLICY_FAILURES = 3
+EXECUTIONS = ("sync", "async", "rtc")
+RENDER_MODES = ("on_demand", "every_step")
 
 
 class PolicyFailure(RuntimeError):
@@ -33,8 +51,30 @@ class LoopSettings:
     replan: int = 5  # actions executed from each chunk before asking again
     chunking: str = "replan"  # replan | ensemble (runners/chunking.py)
     ensemble_m: float = 0.01
+    execution: str = "sync"  # sync | async | rtc (module docstring)
+    latency_ms: float | None = 0.0  # async/rtc: simulated policy latency; None = each call's measured time
     max_steps: int = 220  # of the suite (for the video's length)
     view: int = 224  # policy-facing image size (for the video's layout)
+    video_stride: int = 1  # record every n-th step's frame
+    render: str = "on_demand"  # on_demand | every_step (as an env that knows nothing of its consumers)
+
+    def __post_init__(self):
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
+        if self.execution == "sync" and self.latency_ms not in (None, 0, 0.0):
+            raise ValueError(f"execution=sync freezes the simulator while the policy thinks, so latency_ms="
+                             f"{self.latency_ms} has no effect; use execution=async or rtc")
+        if self.render not in RENDER_MODES:
+            raise ValueError(f"unknown render {self.render!r}; choose one of {', '.join(RENDER_MODES)}")
+        if self.video_stride < 1:
+            raise ValueError(f"video_stride must be >= 1, got {self.video_stride}")
+
+    @property
+    def fixed_delay(self) -> int | None:
+        """Env steps a chunk arrives after its request, when fixed (None: measured per call)."""
+        if self.execution == "sync":
+            return 0
+        return None if self.latency_ms is None else delay_steps(self.latency_ms)
 
 
 @dataclass
@@ -45,42 +85,84 @@ class Slot:
     video: EpisodeVideo | None = None
     latencies_ms: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    trace: Trace = field(default_factory=Trace)  # privileged trace points for failure triage
+    obs: dict[str, np.ndarray] = field(default_factory=dict)  # the current step's observation
+    privileged: dict[str, Any] | None = None
+    chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # rtc: (start, chunk) of the last one
+    last_delay: int = 0  # rtc with measured latency: the estimate for the next request
+    request_step: int = 0  # the step of the request in flight
+    requested_now: bool = False  # a request was sent at the current step (the video marks it)
+    failed: str = ""  # its request failed while its step was in flight: ends as an error on the reply
+    trace: Trace = field(default_factory=Trace)  # privileged trace points for failure triage (runners/triage.py)
 
 
-def _select(obs: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
-    return {k: v[rows] for k, v in obs.items()}
+@dataclass
+class Phases:
+    """Where the time goes (seconds): main-thread work of the loop, and the workers' own time."""
+
+    policy: float = 0.0  # the policy calls (main thread)
+    input_prep: float = 0.0  # building the batches (main thread)
+    wait_env: float = 0.0  # main thread waiting for step/start replies
+    physics: float = 0.0  # summed over workers: stepping minus rendering
+    render: float = 0.0  # summed over workers: cameras and image preparation
+    reset: float = 0.0  # summed over workers: starting episodes (LIBERO reset + settle steps)
+    ticks: int = 0
+    env_steps: int = 0
+    policy_calls: int = 0
+    policy_rows: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items()}
 
 
 class EvaluationLoop:
     """Runs `episodes` through `pool` with `policy`, appending each result to `results`."""
 
     def __init__(self, policy, pool: EnvPool, results: ResultsLog, settings: LoopSettings,
-                 recorder: VideoRecorder | None = None, on_episode: Callable[[dict[str, Any]], None] | None = None):
+                 recorder: VideoRecorder | None = None, on_episode: Callable[[dict[str, Any]], None] | None = None,
+                 stamp: dict[str, Any] | None = None):
         self.policy, self.pool, self.results, self.s = policy, pool, results, settings
+        self.stamp = dict(stamp or {})  # written on every result line (code version, checkpoint identity)
         self.recorder = recorder
         self.on_episode = on_episode or (lambda rec: None)
         self.slots: dict[int, Slot] = {}
+        self.starting: dict[int, Episode] = {}
         self._pending: list[tuple[dict[str, Any], EpisodeVideo]] = []
         self._policy_failures = 0
+        self.needs_images = getattr(policy, "needs_images", True)
+        self.needs_privileged = getattr(policy, "needs_privileged", False)
+        self.phases = Phases()
+        self._loaded_task: dict[int, int] = {}  # slot -> task id its env last ran (affinity)
 
     # ----- episode lifecycle ------------------------------------------------------------------------
-    def _begin(self, todo: deque, free: list[int], obs) -> dict[str, np.ndarray]:
-        """Start the next planned episodes on the free slots (resetting them together)."""
-        starts = {i: todo.popleft() for i in free if todo}
-        if not starts:
-            return obs
-        obs, infos = self.pool.start(starts)
-        for i, ep in starts.items():
-            info = infos[i]
-            slot = Slot(ep, ChunkExecutor(replan=self.s.replan, chunking=self.s.chunking, ensemble_m=self.s.ensemble_m), info.get("task", ""))
-            self.slots[i] = slot
-            if info.get("error"):
-                self._end(i, "error", steps=0, error=info["error"])
-            elif self.recorder is not None:
-                slot.video = self.recorder.start(ep.suite, ep.task_id, ep.init_state_id, ep.seed, slot.task,
-                                                 self.s.max_steps, self.s.view)
-        return obs
+    def _recording(self) -> bool:
+        return self.recorder is not None and self.recorder.videos != "none"
+
+    def _start(self, slot: int, todo: deque) -> None:
+        """Send the slot its next episode, preferring one of the task its env already has loaded (a task
+        switch rebuilds LIBERO's scene)."""
+        loaded = self._loaded_task.get(slot)
+        pick = next((k for k, ep in enumerate(todo) if ep.task_id == loaded), 0)
+        ep = todo[pick]
+        del todo[pick]
+        self.starting[slot] = ep
+        self._loaded_task[slot] = ep.task_id
+        render = self.needs_images or self._recording() or self.s.render == "every_step"
+        self.pool.send_start(slot, ep, render=render, privileged=self.needs_privileged)
+
+    def _started(self, r: Reply) -> None:
+        ep = self.starting.pop(r.slot)
+        slot = Slot(ep, ChunkExecutor(replan=self.s.replan, chunking=self.s.chunking, ensemble_m=self.s.ensemble_m),
+                    r.info.get("task", ""))
+        self.slots[r.slot] = slot
+        self.phases.reset += r.seconds
+        if r.info.get("error"):
+            self._end(r.slot, "error", steps=0, error=r.info["error"])
+            return
+        slot.obs, slot.privileged = r.obs, r.privileged
+        slot.trace.add(r.trace)
+        if self._recording():
+            slot.video = self.recorder.start(ep.suite, ep.task_id, ep.init_state_id, ep.seed, slot.task,
+                                             self.s.max_steps, self.s.view)
 
     def _end(self, i: int, outcome: str, steps: int, error: str = "") -> None:
         slot = self.slots.pop(i)
@@ -121,48 +203,100 @@ class EvaluationLoop:
             "success": outcome == "success",
             "env_steps": int(steps),
             "error": error,
+            "execution": self.s.execution,
+            "sim_latency_ms": "measured" if self.s.latency_ms is None else float(self.s.latency_ms or 0.0),
+            **slot.executor.metrics(),
             **latency_stats(slot.latencies_ms),
             "policy_calls": len(slot.latencies_ms),
             "latencies_ms": [round(x, 3) for x in slot.latencies_ms],
             "video": video,
             "wall_s": round(time.monotonic() - slot.started, 3),
+            **self.stamp,
         }
 
     # ----- policy -----------------------------------------------------------------------------------
-    def _query_policy(self, obs, rows: list[int]) -> dict[int, str]:
-        """Ask the policy for chunks for `rows`; returns {slot: error} for rows that got none."""
-        batch = _select(obs, rows)
-        batch["prompt"] = [self.slots[i].task for i in rows]
-        batch["episode"] = [(*self.slots[i].episode.key, id(self.slots[i])) for i in rows]
-        batch["step"] = [self.slots[i].executor.t for i in rows]
-        privileged = bool(getattr(self.policy, "needs_privileged", False))
-        states = self.pool.replan_states(privileged)  # one round trip: trace points (+ privileged states)
-        for i in rows:
-            self.slots[i].trace.add(states[i]["trace"])
-        if privileged:
-            batch["privileged"] = [states[i]["privileged"] for i in rows]
+    def _batch(self, rows: list[int]) -> dict[str, Any]:
+        slots = [self.slots[i] for i in rows]
+        batch: dict[str, Any] = {"state": np.stack([s.obs["state"] for s in slots])}
+        if self.needs_images:
+            batch["image"] = np.stack([s.obs["image"] for s in slots])
+            batch["wrist_image"] = np.stack([s.obs["wrist_image"] for s in slots])
+        else:  # privileged policies: black frames of the right shape, never rendered
+            size = self.s.view
+            batch["image"] = batch["wrist_image"] = np.zeros((len(rows), size, size, 3), np.uint8)
+        batch["prompt"] = [s.task for s in slots]
+        batch["episode"] = [s.episode.key for s in slots]
+        batch["step"] = [s.executor.t for s in slots]
+        if self.needs_privileged:
+            batch["privileged"] = [s.privileged for s in slots]
+        if self.s.execution == "rtc":
+            batch.update(self._rtc_inputs(slots))
+        return batch
+
+    def _rtc_inputs(self, slots: list[Slot]) -> dict[str, Any]:
+        """For each row: the previous chunk's actions from the current step on (zeros where it has none),
+        how many of them will execute before the new chunk arrives (frozen), and how many overlap."""
+        prev, frozen, overlap = [], [], []
+        fixed = self.s.fixed_delay
+        for s in slots:
+            t = s.executor.t
+            d = fixed if fixed is not None else s.last_delay
+            if s.chunks:
+                start, chunk = s.chunks[-1]
+                rest = chunk[t - start:] if t - start < len(chunk) else chunk[:0]
+                horizon = len(chunk)
+            else:
+                rest, horizon = np.zeros((0, 7)), 0
+            row = np.zeros((max(horizon, len(rest), 1), 7))
+            row[: len(rest)] = rest
+            prev.append(row)
+            frozen.append(min(d, len(rest)))
+            overlap.append(len(rest))
+        h = max(len(p) for p in prev)
+        return {"prev_actions": np.stack([np.pad(p, ((0, h - len(p)), (0, 0))) for p in prev]),
+                "prev_frozen": np.asarray(frozen), "prev_overlap": np.asarray(overlap)}
+
+    def _query(self, rows: list[int]) -> tuple[dict[int, str], float]:
+        """One batched policy call for `rows`; adds the chunks. Returns ({slot: error}, latency ms)."""
         t0 = time.perf_counter()
+        batch = self._batch(rows)
+        t1 = time.perf_counter()
         try:
             out = self.policy.infer(batch)
         except Exception as exc:  # a failing call marks its episodes; repeated failures stop the run
+            self.phases.policy += time.perf_counter() - t1
             self._policy_failures += 1
             if self._policy_failures >= MAX_CONSECUTIVE_POLICY_FAILURES:
                 raise PolicyFailure(
                     f"the policy raised on {self._policy_failures} calls in a row; last error: "
                     f"{type(exc).__name__}: {exc}") from exc
-            return {i: f"policy raised {type(exc).__name__}: {exc}" for i in rows}
+            return {i: f"policy raised {type(exc).__name__}: {exc}" for i in rows}, 0.0
+        latency_ms = 1000.0 * (time.perf_counter() - t1)
+        self.phases.input_prep += t1 - t0
+        self.phases.policy += latency_ms / 1000.0
+        self.phases.policy_calls += 1
+        self.phases.policy_rows += len(rows)
         self._policy_failures = 0
-        latency_ms = 1000.0 * (time.perf_counter() - t0)
         actions, errors = check_actions(out, len(rows))
         failed = {}
+        delay = self.s.fixed_delay
+        if delay is None:
+            delay = max(1, delay_steps(latency_ms))  # measured: the simulator moved on meanwhile
         for r, i in enumerate(rows):
             slot = self.slots[i]
             slot.latencies_ms.append(latency_ms)
             if errors[r] is not None:
                 failed[i] = errors[r]
                 continue
-            slot.executor.add_chunk(actions[r])  # raises if replan exceeds the chunk
-        return failed
+            start = slot.request_step
+            try:
+                slot.executor.add_chunk(actions[r], start=start, delay=delay)
+            except ValueError as exc:  # e.g. a measured latency longer than the chunk: an error episode
+                failed[i] = str(exc)
+                continue
+            slot.last_delay = delay
+            slot.chunks = [(start, actions[r])]
+        return failed, latency_ms
 
     # ----- main loop --------------------------------------------------------------------------------
     def run(self, episodes: list[Episode]) -> None:
@@ -171,42 +305,83 @@ class EvaluationLoop:
         finally:
             self._flush(wait=True)
 
+    def _step(self, i: int) -> None:
+        """Send slot i its action for the current step, asking for what the next step's observation
+        must carry (images if the policy or the video looks at it, privileged state if needed)."""
+        slot = self.slots[i]
+        if slot.video is not None and "image" in slot.obs and slot.executor.t % self.s.video_stride == 0:
+            slot.video.add(slot.obs["image"], slot.obs["wrist_image"], slot.executor.t, slot.requested_now)
+        action, _ = slot.executor.next_action()
+        t = slot.executor.t  # the step the reply's observation belongs to
+        request_next = t >= slot.executor.next_request
+        render = ((request_next and self.needs_images) or (slot.video is not None and t % self.s.video_stride == 0)
+                  or self.s.render == "every_step")
+        self.pool.send_step(i, action, render=render, privileged=request_next and self.needs_privileged,
+                            trace=request_next)  # a replan reads the next observation: trace it
+
     def _run(self, episodes: list[Episode]) -> None:
         todo = deque(episodes)
         n = self.pool.num_envs
-        obs = None
-        while True:
+        for i in range(min(n, len(todo))):
+            self._start(i, todo)
+        while self.slots or self.starting:
             self._flush()
-            free = [i for i in range(n) if i not in self.slots]
-            if free and todo:
-                obs = self._begin(todo, free, obs)
-            if not self.slots:
-                if todo:
-                    continue  # every start failed; try the next episodes
-                return
-            need = [i for i, s in sorted(self.slots.items()) if s.executor.needs_chunk()]
-            failed = self._query_policy(obs, need) if need else {}
+            self.phases.ticks += 1
+            # Requests due now, and the slots that can step without waiting for them.
+            request = []
+            for i, slot in sorted(self.slots.items()):
+                slot.requested_now = False
+                if slot.executor.wants_request():
+                    slot.request_step = slot.executor.request_sent(self.s.fixed_delay)
+                    slot.requested_now = True
+                    request.append(i)
+            stepping = [i for i, s in self.slots.items() if not s.executor.blocked()]
+            for i in stepping:
+                self._step(i)
+            failed = {}
+            if request:
+                failed, _ = self._query(request)
             for i, err in failed.items():
-                self._end(i, "error", self.slots[i].executor.t, err)
-            if not self.slots:
-                continue
-            actions = np.tile(IDLE, (n, 1))
-            for i, slot in self.slots.items():
-                if slot.video is not None:
-                    slot.video.add(obs["image"][i], obs["wrist_image"][i], slot.executor.t, i in need)
-                actions[i] = slot.executor.next_action()
-            obs, terminated, truncated, infos = self.pool.step(actions)
-            ended = [i for i in self.slots if not infos[i].get("error") and (terminated[i] or truncated[i])]
-            if ended:  # the final trace point, read before the slot is reset into its next episode
-                finals = self.pool.replan_states()
-                for i in ended:
-                    self.slots[i].trace.add(finals[i]["trace"])
-            for i in list(self.slots):
-                slot, info = self.slots[i], infos[i]
-                steps = int(info.get("step", slot.executor.t))  # the env's count: a failed step is not one
-                if info.get("error"):
-                    self._end(i, "error", steps, info["error"])
-                elif terminated[i] or truncated[i]:
-                    if slot.video is not None:
-                        slot.video.add(obs["image"][i], obs["wrist_image"][i], steps, False)
-                    self._end(i, "success" if terminated[i] else "failure", steps)
+                self.slots[i].executor.request_failed()
+                if i not in stepping:
+                    self._end(i, "error", self.slots[i].executor.t, err)
+                else:
+                    self.slots[i].failed = err  # ends when its in-flight step comes back
+            waiting = [i for i in request if i in self.slots and i not in stepping]
+            for i in waiting:
+                self._step(i)
+            t0 = time.perf_counter()
+            busy_steps = set(stepping) | set(waiting)
+            # Wait for every step; starts are collected as they finish (blocking only if nothing steps).
+            replies = self.pool.collect(wait_for=busy_steps, timeout=0.0 if busy_steps else None)
+            self.phases.wait_env += time.perf_counter() - t0
+            for r in sorted(replies, key=lambda r: r.slot):
+                if r.kind == "start":
+                    self._started(r)
+                else:
+                    self._stepped(r)
+            for i in range(n):
+                if todo and i not in self.slots and i not in self.starting:
+                    self._start(i, todo)
+
+    def _stepped(self, r: Reply) -> None:
+        i = r.slot
+        slot = self.slots[i]
+        self.phases.env_steps += 1
+        self.phases.render += r.render_seconds
+        self.phases.physics += r.seconds - r.render_seconds
+        steps = int(r.info.get("step", slot.executor.t))  # the env's count: a failed step is not one
+        if r.info.get("error"):
+            self._end(i, "error", steps, r.info["error"])
+            return
+        if slot.failed:
+            self._end(i, "error", steps, slot.failed)
+            return
+        slot.obs = r.obs  # images only when this step was rendered: a stale frame is never reused
+        if r.privileged is not None:
+            slot.privileged = r.privileged
+        slot.trace.add(r.trace)  # before a replan and at the episode's end
+        if r.terminated or r.truncated:
+            if slot.video is not None and "image" in r.obs:
+                slot.video.add(r.obs["image"], r.obs["wrist_image"], steps, False)
+            self._end(i, "success" if r.terminated else "failure", steps)

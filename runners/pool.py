@@ -1,25 +1,34 @@
-"""A pool of LIBERO environments stepped together, each running its own sequence of episodes.
+"""A pool of LIBERO environments in worker processes, each slot driven on its own.
 
-Built on gymnasium's AsyncVectorEnv (one worker process per environment, started with "spawn" so
-that every worker creates its own MuJoCo/EGL context) with autoreset disabled: the runner decides
-when each slot starts its next episode (`reset_mask`) and which one (`pending`, set per slot).
+Every slot is one worker process (started with "spawn", so each creates its own MuJoCo/EGL context)
+owning one environment. The runner sends a slot a command (start an episode, step with an action)
+and collects the replies as they arrive, so a slot that is resetting into its next episode (a
+LIBERO reset rebuilds the MuJoCo model: about a second) never holds up the slots that are stepping,
+and the workers keep stepping while the runner's main thread runs the policy.
 
-Inside each worker, `EpisodeWorker` turns simulator exceptions into an `error` entry so that one
-crashing episode does not take the pool down, and treats an all-NaN action as "stay idle" for
-slots with no episode left to run.
+A command may ask for more than the observation: `render` (render the cameras for the observation
+this command returns; LiberoEnv.set_rendering), `privileged` (the env's privileged state, for
+scripted policies, in the same round trip) and `trace` (a trace point for failure triage,
+LiberoEnv.trace_point; starts and episode ends always carry one). Simulator exceptions come back
+as an `error` entry, so one crashing episode does not take the pool down. `vectorization="sync"`
+runs the same slots in-process, one command at a time (for debugging, and for tests that inspect
+the envs).
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import time
 import traceback
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-import gymnasium as gym
 import numpy as np
 
-IDLE = np.full(7, np.nan, dtype=np.float32)
+VECTORIZATIONS = ("async", "sync")
 
 
 @dataclass(frozen=True)
@@ -34,123 +43,269 @@ class Episode:
         return (self.suite, self.task_id, self.init_state_id, self.seed)
 
 
+@dataclass
+class Reply:
+    """What a slot sends back for a start or step command."""
+
+    slot: int
+    kind: str  # "start" | "step"
+    obs: dict[str, np.ndarray] = field(default_factory=dict)  # image/wrist_image only when rendered
+    terminated: bool = False
+    truncated: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # the env's info; "error" is "" or the exception text
+    privileged: dict[str, Any] | None = None
+    trace: dict[str, Any] | None = None  # envs/trace.py point: at a start, before a replan, at the episode's end
+    seconds: float = 0.0  # time the worker spent on the command (physics + rendering + observation)
+    render_seconds: float = 0.0  # ... of which rendering the cameras and preparing the images
+
+
 def _error_text(exc: BaseException) -> str:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
     return f"{type(exc).__name__}: {exc}\n" + "".join(tb[-3:])
 
 
-class EpisodeWorker(gym.Wrapper):
-    """Wraps a LiberoEnv inside a worker process (see the module docstring)."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.pending: Episode | None = None
-        self._last_obs = {k: np.zeros(s.shape, s.dtype) for k, s in env.observation_space.items()}
-        self._last_info = self._blank_info()
-
-    def _blank_info(self) -> dict[str, Any]:
-        env = self.env.unwrapped
-        return {"task": "", "success": False, "suite": env.suite, "task_id": -1, "init_state_id": -1,
-                "step": 0, "error": ""}
-
-    def reset(self, *, seed=None, options=None):
-        ep = self.pending
-        if ep is None:
-            raise RuntimeError("EpisodeWorker.reset needs `pending` to be set to an Episode first")
-        try:
-            obs, info = self.env.reset(
-                seed=ep.seed, options={"task_id": ep.task_id, "init_state_id": ep.init_state_id}
-            )
-            self._last_obs, self._last_info = obs, {**info, "error": ""}
-        except Exception as exc:  # the simulator failed: report it, keep the worker alive
-            self._last_info = {**self._blank_info(), "task_id": ep.task_id, "init_state_id": ep.init_state_id,
-                               "error": _error_text(exc)}
-        return self._last_obs, dict(self._last_info)
-
-    def step(self, action):
-        action = np.asarray(action)
-        if np.isnan(action).all():
-            return self._last_obs, 0.0, False, False, {**self._last_info, "error": ""}
-        try:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-        except Exception as exc:
-            return self._last_obs, 0.0, False, True, {**self._last_info, "error": _error_text(exc)}
-        self._last_obs, self._last_info = obs, {**info, "error": ""}
-        return obs, reward, terminated, truncated, dict(self._last_info)
-
-    def privileged_state(self):
-        return self.env.unwrapped.privileged_state()
-
-    def replan_state(self, privileged: bool) -> dict[str, Any]:
-        """What the runner reads when it asks for a chunk, in one round trip: the trace point (failure
-        triage, envs/trace.py; None when the env cannot give one) and, if asked, the privileged state."""
-        env = self.env.unwrapped
-        try:
-            trace = env.trace_point()
-        except Exception:  # an episode that failed to start; triage copes with a missing point
-            trace = None
-        return {"trace": trace, "privileged": env.privileged_state() if privileged else None}
-
-
-def make_worker_env(env_kwargs: dict[str, Any]) -> EpisodeWorker:
+def make_worker_env(env_kwargs: dict[str, Any]):
     from envs.libero import LiberoEnv
 
-    return EpisodeWorker(LiberoEnv(**env_kwargs))
+    return LiberoEnv(**env_kwargs)
+
+
+class SlotEnv:
+    """One slot's environment and its command handling (inside the worker, or in-process for sync)."""
+
+    def __init__(self, make_env: Callable, env_kwargs: dict[str, Any], perturb: list[dict] | None = None):
+        self.env = make_env(dict(env_kwargs))
+        if perturb:
+            from envs.perturb import wrap
+
+            self.env = wrap(self.env, perturb)
+        self.base = self.env.unwrapped
+
+    def _obs(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, np.ndarray]:
+        if info.get("rendered", True):
+            return obs
+        return {k: v for k, v in obs.items() if k not in ("image", "wrist_image")}  # black frames: not sent
+
+    def _timed(self, reply: Reply, t0: float, r0: float) -> Reply:
+        reply.seconds = time.perf_counter() - t0
+        reply.render_seconds = getattr(self.base, "render_seconds", 0.0) - r0
+        return reply
+
+    def _trace(self) -> dict[str, Any] | None:
+        try:
+            return self.base.trace_point()
+        except Exception:  # an env without one (a test double); triage copes with missing points
+            return None
+
+    def start(self, slot: int, ep: Episode, render: bool, privileged: bool) -> Reply:
+        t0, r0 = time.perf_counter(), getattr(self.base, "render_seconds", 0.0)
+        try:
+            self.base.set_rendering(render)
+            obs, info = self.env.reset(seed=ep.seed, options={"task_id": ep.task_id, "init_state_id": ep.init_state_id})
+            reply = Reply(slot, "start", self._obs(obs, info), info={**info, "error": ""},
+                          privileged=self.base.privileged_state() if privileged else None, trace=self._trace())
+        except Exception as exc:  # the simulator failed: report it, keep the worker alive
+            reply = Reply(slot, "start", info={"task": "", "task_id": ep.task_id, "init_state_id": ep.init_state_id,
+                                               "step": 0, "error": _error_text(exc)})
+        return self._timed(reply, t0, r0)
+
+    def step(self, slot: int, action: np.ndarray, render: bool, privileged: bool, trace: bool = False) -> Reply:
+        t0, r0 = time.perf_counter(), getattr(self.base, "render_seconds", 0.0)
+        try:
+            self.base.set_rendering(render)
+            obs, _, terminated, truncated, info = self.env.step(action)
+            reply = Reply(slot, "step", self._obs(obs, info), bool(terminated), bool(truncated), {**info, "error": ""},
+                          privileged=self.base.privileged_state() if privileged else None,
+                          trace=self._trace() if trace or terminated or truncated else None)
+        except Exception as exc:
+            reply = Reply(slot, "step", truncated=True, info={"step": getattr(self.base, "_step", 0),
+                                                               "error": _error_text(exc)})
+        return self._timed(reply, t0, r0)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _worker(conn, make_env, env_kwargs, slot: int, environ: dict[str, str], perturb: list[dict]) -> None:
+    """A worker process: builds its env, then answers commands until told to close."""
+    os.environ.update(environ)  # before robosuite is imported: it reads MUJOCO_GL/MUJOCO_EGL_DEVICE_ID once
+    try:
+        env = SlotEnv(make_env, env_kwargs, perturb)
+    except Exception as exc:
+        conn.send(("failed", _error_text(exc)))
+        conn.close()
+        return
+    conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "close":
+                break
+            conn.send(getattr(env, cmd)(slot, *args))
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        pass  # the runner went away: exit quietly
+    finally:
+        env.close()
+        conn.close()
+
+
+class PoolError(RuntimeError):
+    pass
 
 
 class EnvPool:
-    """`num_envs` LiberoEnv slots of one suite. `start` begins episodes; `step` advances every slot."""
+    """`num_envs` slots of one suite. `send_start`/`send_step` issue a command to one slot;
+    `collect` returns the replies that are in (waiting for the slots named, if any)."""
 
     def __init__(self, num_envs: int, env_kwargs: dict[str, Any], vectorization: str = "async",
-                 make_env=make_worker_env):
+                 make_env: Callable = make_worker_env, start_timeout_s: float = 600.0, wait: bool = True,
+                 environ: dict[str, str] | None = None, perturb: list[dict] | None = None):
+        """Starts the workers; with `wait=False` returns at once (the caller does other start-up work,
+        e.g. compiling the policy) and `wait_ready()` must be called before the first command.
+        `environ`: variables set in each worker before it imports the simulator (render_environ);
+        `perturb`: envs.perturb specs wrapped around every slot's env."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        fns = [functools.partial(make_env, dict(env_kwargs)) for _ in range(num_envs)]
-        if vectorization == "async":
-            self.venv = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode="Disabled")
-        elif vectorization == "sync":
-            self.venv = gym.vector.SyncVectorEnv(fns, autoreset_mode="Disabled")
-        else:
-            raise ValueError(f"unknown vectorization {vectorization!r}; choose async or sync")
+        if vectorization not in VECTORIZATIONS:
+            raise ValueError(f"unknown vectorization {vectorization!r}; choose {' or '.join(VECTORIZATIONS)}")
         self.num_envs = num_envs
+        self.sync = vectorization == "sync"
+        self.busy: set[int] = set()  # slots with a command in flight
+        self._inline: list[SlotEnv] = []
+        self._done: list[Reply] = []  # sync mode: replies computed on send
+        self._conns, self._procs = [], []
+        self._ready = False
+        self._timeout_s = start_timeout_s
+        self._environ = dict(environ or {})
+        self._perturb = list(perturb or [])
+        if self.sync:
+            self._inline = [SlotEnv(make_env, env_kwargs, self._perturb) for _ in range(num_envs)]
+            self._ready = True
+        else:
+            self._spawn(make_env, env_kwargs)
+            if wait:
+                self.wait_ready()
 
-    def start(self, episodes: dict[int, Episode]) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-        """Reset the given slots into their episodes. Returns the batched observation and, per slot, its
-        info (an empty dict for slots that were not reset)."""
-        pending = [None] * self.num_envs
-        current = self.venv.get_attr("pending")
+    def _spawn(self, make_env, env_kwargs) -> None:
+        ctx = mp.get_context("spawn")
         for i in range(self.num_envs):
-            pending[i] = episodes.get(i, current[i])
-        self.venv.set_attr("pending", pending)
-        mask = np.zeros(self.num_envs, dtype=bool)
-        mask[list(episodes)] = True
-        obs, info = self.venv.reset(options={"reset_mask": mask})
-        return obs, _split_info(info, self.num_envs, mask)
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, make_env, dict(env_kwargs), i, self._environ, self._perturb),
+                               daemon=True,
+                               name=f"libero-slot-{i}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._spawned_at = time.monotonic()
 
-    def step(self, actions: np.ndarray):
-        obs, reward, terminated, truncated, info = self.venv.step(actions.astype(np.float32))
-        return obs, terminated, truncated, _split_info(info, self.num_envs)
+    def wait_ready(self) -> None:
+        """Block until every worker has built its environment (raises PoolError naming a failure)."""
+        if self._ready:
+            return
+        timeout_s = self._timeout_s
+        deadline = self._spawned_at + timeout_s
+        for i, conn in enumerate(self._conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                self.close()
+                raise PoolError(f"simulator worker {i} did not start within {timeout_s:.0f} s")
+            try:
+                status, detail = conn.recv()
+            except EOFError:
+                status, detail = "failed", f"the process exited with code {self._procs[i].exitcode}"
+            if status != "ready":
+                self.close()
+                raise PoolError(f"simulator worker {i} could not build its environment:\n{detail}")
+        self._ready = True
 
-    def privileged_states(self) -> list[dict[str, Any]]:
-        return list(self.venv.call("privileged_state"))
+    # ----- commands ------------------------------------------------------------------------------------
+    def _send(self, slot: int, cmd: str, args: tuple) -> None:
+        self.wait_ready()
+        if slot in self.busy:
+            raise RuntimeError(f"slot {slot} already has a command in flight")
+        self.busy.add(slot)
+        if self.sync:
+            self._done.append(getattr(self._inline[slot], cmd)(slot, *args))
+        else:
+            self._conns[slot].send((cmd, args))
 
-    def replan_states(self, privileged: bool = False) -> list[dict[str, Any]]:
-        """Per slot {"trace": point, "privileged": state or None} (EpisodeWorker.replan_state)."""
-        return list(self.venv.call("replan_state", privileged))
+    def send_start(self, slot: int, episode: Episode, render: bool = True, privileged: bool = False) -> None:
+        self._send(slot, "start", (episode, bool(render), bool(privileged)))
+
+    def send_step(self, slot: int, action: np.ndarray, render: bool = True, privileged: bool = False,
+                  trace: bool = False) -> None:
+        self._send(slot, "step", (np.asarray(action, dtype=np.float32), bool(render), bool(privileged), bool(trace)))
+
+    def collect(self, wait_for: set[int] | None = None, timeout: float | None = 0.0) -> list[Reply]:
+        """The replies that have arrived. Blocks until every slot in `wait_for` has answered (or, with
+        `wait_for` empty/None, until at least one reply is in when `timeout` is None)."""
+        wait_for = set(wait_for or ()) & self.busy
+        replies: list[Reply] = []
+        if self.sync:
+            replies, self._done = self._done, []
+        else:
+            block = timeout is None and not wait_for
+            while True:
+                ready = mp.connection.wait([self._conns[i] for i in self.busy],
+                                           timeout=None if (wait_for or block) else timeout)
+                for conn in ready:
+                    slot = self._conns.index(conn)
+                    try:
+                        replies.append(conn.recv())
+                    except EOFError:
+                        raise PoolError(f"simulator worker {slot} died (exit code {self._procs[slot].exitcode}); "
+                                        "see its output above") from None
+                    self.busy.discard(slot)
+                    wait_for.discard(slot)
+                block = False
+                if not wait_for:
+                    break
+        for r in replies:
+            self.busy.discard(r.slot)
+        return replies
 
     def close(self) -> None:
-        self.venv.close()
+        for slot, conn in enumerate(self._conns):
+            try:
+                if slot in self.busy:
+                    conn.poll(30)  # let an in-flight command finish so the env closes cleanly
+                    if conn.poll():
+                        conn.recv()
+                conn.send(("close", ()))
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs = [], []
+        for env in self._inline:
+            env.close()
+        self._inline = []
+        self.busy.clear()
 
 
-def _split_info(info: dict[str, Any], n: int, mask: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Undo gymnasium's batching of info dicts: one plain dict per slot."""
-    out: list[dict[str, Any]] = [{} for _ in range(n)]
-    for key, values in info.items():
-        if key.startswith("_"):
-            continue
-        present = info.get("_" + key, np.ones(n, dtype=bool))
-        for i in range(n):
-            if present[i] and (mask is None or mask[i]):
-                v = values[i]
-                out[i][key] = v.item() if isinstance(v, np.generic) else v
-    return out
+def render_environ(render_device, policy_device=None) -> dict[str, str]:
+    """Worker environment variables for `render_device`: `auto` renders through EGL on the policy's GPU
+    (cuda:k -> EGL device k; a multi-GPU sweep's jobs each render on their own GPU), else on the
+    default device; an integer picks that EGL device; `cpu` renders with OSMesa on the CPU (slow; the
+    way out if a driver misbehaves with CUDA and EGL on one GPU)."""
+    choice = str(render_device).strip().lower()
+    if choice == "cpu":
+        return {"MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    if choice == "auto":
+        dev = str(policy_device or "")
+        if dev.startswith("cuda:") and dev[5:].isdigit() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return {"MUJOCO_EGL_DEVICE_ID": dev[5:]}
+        return {}
+    if choice.isdigit():
+        return {"MUJOCO_EGL_DEVICE_ID": choice}
+    raise ValueError(f"render_device must be auto, cpu or an EGL device number, got {render_device!r}")
+
+
+def env_factory(make_env: Callable, **kwargs) -> Callable:
+    """`make_env` with keyword arguments bound (picklable, for spawn)."""
+    return functools.partial(make_env, **kwargs) if kwargs else make_env

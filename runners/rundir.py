@@ -42,17 +42,20 @@ _RENAMED = {"steps": "env_steps"}
 
 # Settings that choose which episodes run, or how fast, but not what an episode's result is: they stay
 # out of the config hash (so a run can be resumed or extended with other values) and are not counted as
-# differences when two runs are compared. The policy's own device/host/port are such settings too.
+# differences when two runs are compared (conf/sweep.yaml's exclude_keys keeps most of them out of job
+# directory names too).
 NOT_HASHED = ("out", "tasks", "episodes", "init_states", "num_envs", "vectorization", "videos", "video_fps",
-              "retry_errors", "device", "host", "port")
-_POLICY_NOT_HASHED = ("device", "host", "port")
+              "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
+              "serial_episodes", "reproduce")
+# A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
+REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
 
 
 def result_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config (a plain dict, as in summary.json) that decides episode results."""
     data = {k: v for k, v in config.items() if k not in NOT_HASHED}
     if isinstance(data.get("policy"), dict):
-        data["policy"] = {k: v for k, v in data["policy"].items() if k not in _POLICY_NOT_HASHED}
+        data["policy"] = {k: v for k, v in data["policy"].items() if k not in REMOTE_NOT_HASHED}
     return data
 
 

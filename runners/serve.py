@@ -4,6 +4,9 @@
 
 Clients: openpi's `WebsocketClientPolicy(host, port)` (openpi-client on PyPI), or this harness's
 `policy=remote host=... port=...`. See runners/server.py for the protocol, batching and shutdown.
+
+It listens on 127.0.0.1 unless `host=0.0.0.0` is given; `api_key=...` then keeps other clients out
+(no key, ours or a remote policy's, goes into the metadata sent to clients).
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ from runners.server import PolicyServer
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     policy = build_policy(cfg)  # fails before the port opens if the checkpoint is missing
-    meta = {"policy": OmegaConf.to_container(cfg.policy, resolve=True), "steps": cfg.steps, "backend": cfg.backend}
-    server = PolicyServer(policy, cfg.host, cfg.port, cfg.max_batch, cfg.batch_window_ms, metadata=meta)
+    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    policy_cfg.pop("api_key", None)  # policy=remote behind this server: its upstream key is no client's business
+    meta = {"policy": policy_cfg, "steps": cfg.steps, "backend": cfg.backend,
+            # what clients hash to tell servers apart (runners/build.py policy_identity)
+            "identity": getattr(policy, "identity", None)}
+    server = PolicyServer(policy, cfg.host, cfg.port, cfg.max_batch, cfg.batch_window_ms, metadata=meta,
+                          max_message_mb=cfg.max_message_mb,
+                          api_key=None if cfg.api_key is None else str(cfg.api_key))  # api_key=1234 is an int to Hydra
     asyncio.run(server.run())
 
 

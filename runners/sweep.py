@@ -26,7 +26,7 @@ from runners.evaluate import evaluate
 OmegaConf.register_new_resolver("underscored", lambda s: f"_{s}" if s else "", replace=True)
 
 
-def finish_sweep(sweep_dir: str | Path) -> None:
+def finish_sweep(sweep_dir: str | Path, reproduce: str | None = None) -> None:
     from runners.aggregate import write_aggregate
     from runners.review import write_review
 
@@ -35,6 +35,10 @@ def finish_sweep(sweep_dir: str | Path) -> None:
     page = write_review(root)
     print((root / "sweep.md").read_text(encoding="utf-8"))
     print(f"Sweep of {len(rows)} jobs: {root / 'sweep.csv'}, {root / 'sweep.png'}\nReview page: {page}")
+    if reproduce:
+        from runners.reproduce import markdown, report
+
+        print(markdown(report(root, reproduce)))
 
 
 class AggregateOnEnd(Callback):
@@ -42,7 +46,7 @@ class AggregateOnEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            finish_sweep(config.hydra.sweep.dir)
+            finish_sweep(config.hydra.sweep.dir, config.get("reproduce"))
         except FileNotFoundError as exc:
             print(f"sweep aggregate skipped: {exc}", file=sys.stderr)
 

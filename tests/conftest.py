@@ -7,6 +7,12 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    # No GPU (CI): Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 from pathlib import Path
 
@@ -23,6 +29,24 @@ def golden_dir() -> Path:
             "tiny_case.safetensors"
         )
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_case(golden_dir) -> dict:
+    """openpi's tensors for the tiny model: `input.*` (a batch of 2), `output.*` (fp32 results), `extra.*`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_dir / "tiny_case.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_inputs(golden_case) -> tuple:
+    """The golden batch as every sampler takes it: (images, image_masks, tokens, token_masks, noise), CPU."""
+    from policy.pi05.config import CAMERA_SLOTS
+
+    c = golden_case
+    return ([c[f"input.image.{s}"] for s in CAMERA_SLOTS], [c[f"input.image_mask.{s}"] for s in CAMERA_SLOTS],
+            c["input.tokenized_prompt"], c["input.tokenized_prompt_mask"], c["input.noise"])
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from envs.libero import LiberoEnv
-from runners.pool import EpisodeWorker
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -37,7 +36,7 @@ class ActionLog(gym.Wrapper):
 
 
 def make_logged_env(env_kwargs):
-    return EpisodeWorker(ActionLog(LiberoEnv(**env_kwargs)))
+    return ActionLog(LiberoEnv(**env_kwargs))
 
 
 class FailingStep(gym.Wrapper):
@@ -55,7 +54,7 @@ class FailingStep(gym.Wrapper):
 
 
 def make_failing_env(env_kwargs):
-    return EpisodeWorker(FailingStep(LiberoEnv(**env_kwargs)))
+    return FailingStep(LiberoEnv(**env_kwargs))
 
 
 class ChunkPolicy:
@@ -91,3 +90,38 @@ class ChunkPolicy:
 
     def reset(self):
         pass
+
+
+class EventLog(gym.Wrapper):
+    """Appends (slot kind, event, init state, time) lines to a file as the env resets and steps; resets
+    of the init states in `slow` take `delay_s` longer. Lives in a worker process, hence the file."""
+
+    def __init__(self, env, path: str, slow: tuple = (), delay_s: float = 0.0):
+        super().__init__(env)
+        self.path, self.slow, self.delay_s = path, set(slow), delay_s
+
+    def _log(self, event: str, k: int) -> None:
+        import time
+
+        with open(self.path, "a") as f:
+            f.write(f"{event} {k} {time.monotonic():.6f}\n")
+
+    def reset(self, **kw):
+        k = int(kw.get("options", {}).get("init_state_id", 0))
+        self._log("reset_begin", k)
+        if k in self.slow:
+            import time
+
+            time.sleep(self.delay_s)
+        out = self.env.reset(**kw)
+        self._log("reset_end", k)
+        return out
+
+    def step(self, action):
+        out = self.env.step(action)
+        self._log("step", self.env.unwrapped.init_state_id)
+        return out
+
+
+def make_event_env(env_kwargs, path: str, slow: tuple = (), delay_s: float = 0.0):
+    return EventLog(LiberoEnv(**env_kwargs), path, slow, delay_s)

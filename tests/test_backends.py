@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from policy.backends import BACKENDS, get_backend, make_sampler
 from policy.backends.compiled import PROMPT_BUCKETS, CompiledSampler
-from policy.pi05.config import CAMERA_SLOTS
 from policy.pi05.checkpoints import load_model
 
 
@@ -16,11 +14,8 @@ def tiny(golden_dir):
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir):
-    c = load_file(str(golden_dir / "tiny_case.safetensors"))
-    images = [c[f"input.image.{s}"] for s in CAMERA_SLOTS]
-    masks = [c[f"input.image_mask.{s}"] for s in CAMERA_SLOTS]
-    return (images, masks, c["input.tokenized_prompt"], c["input.tokenized_prompt_mask"], c["input.noise"]), c
+def case(golden_inputs, golden_case):
+    return golden_inputs, golden_case
 
 
 def test_unknown_backend_lists_the_choices():
@@ -41,7 +36,7 @@ def test_eager_backend_is_the_model(tiny, case, steps):
 def test_compile_backend_structure_matches_eager_without_inductor(tiny, case, steps):
     """Fused projections, folded norms, precomputed time conditioning, static buffers, prompt buckets."""
     inputs, c = case
-    sampler = CompiledSampler(tiny, num_steps=steps, compile=False)
+    sampler = CompiledSampler(tiny, num_steps=steps, torch_compile=False)
     eager = make_sampler("eager", tiny, num_steps=steps)(*inputs)
     out = sampler(*inputs)
     assert (out - eager).abs().max() <= 1e-5
@@ -51,19 +46,98 @@ def test_compile_backend_structure_matches_eager_without_inductor(tiny, case, st
     assert shape_key == (2, (0, 1), PROMPT_BUCKETS[0])
 
 
-def test_compile_backend_with_inductor_matches_eager(tiny, case):
+@pytest.mark.parametrize("expert_kernels", ["inductor", "triton"])
+def test_compile_backend_with_inductor_matches_eager_with_no_graph_break_or_recompile(tiny, case, expert_kernels):
+    """Compile stability as lerobot tests its compiled Pi0.5 (tests/policies/pi0_pi05/utils/torch_compile.py):
+    no graph break while compiling, and calls of the same shape reuse what was compiled (CPU, no CUDA graphs;
+    "triton": the compiled attention between the fused kernels, which run in Triton's interpreter here)."""
+    from torch._dynamo.utils import counters
+
     inputs, c = case
-    sampler = make_sampler("compile", tiny, num_steps=3)
+    torch._dynamo.reset()
+    counters.clear()
+    sampler = make_sampler("compile", tiny, num_steps=3, expert_kernels=expert_kernels)
     out = sampler(*inputs)
     assert (out - c["output.actions_3steps"]).abs().max() <= 1e-4
-    # encode/denoise stages compose to the same result
-    again = sampler.denoise(sampler.encode(*inputs[:4]), inputs[4])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        # encode/denoise stages compose to the same result, and nothing is compiled again
+        again = sampler.denoise(sampler.encode(*inputs[:4]), inputs[4])
+        sampler(*inputs)
     assert torch.equal(again, out)
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+
+
+def test_samplers_implement_the_sampler_protocol(tiny, case):
+    from policy.backends import Sampler
+
+    inputs, _ = case
+    for sampler in (make_sampler("eager", tiny, num_steps=1), CompiledSampler(tiny, num_steps=1, torch_compile=False)):
+        assert isinstance(sampler, Sampler) and sampler.num_steps == 1
+        out = sampler(*inputs)
+        for graphs in (True, False):  # the benchmark's public switch (profiling runs the kernels one by one)
+            stages = sampler.stages(*inputs, graphs=graphs)
+            assert set(stages) == {"vision", "prefix", "denoise"}
+            results = {name: stage() for name, stage in stages.items()}
+            if sampler.name == "eager":  # the compiled stages write into static buffers and return nothing
+                assert torch.allclose(results["denoise"], out, atol=1e-6)
+    assert not isinstance(object(), Sampler)
+
+
+def test_masks_may_stay_on_the_host(tiny, case):
+    """The policy has its masks as numpy before upload; the samplers read shapes from them without a device
+    round trip (on a GPU: tests/test_gpu.py checks that the call then never syncs)."""
+    (images, masks, tokens, tmask, noise), _ = case
+    np_masks, np_tmask = [m.numpy() for m in masks], tmask.numpy()
+    compiled = CompiledSampler(tiny, num_steps=2, torch_compile=False)
+    assert compiled.shape_for(np_masks, np_tmask) == compiled.shape_for(masks, tmask)
+    out = compiled(images, np_masks, tokens, np_tmask, noise)
+    assert torch.equal(out, compiled(images, masks, tokens, tmask, noise))
+    eager = make_sampler("eager", tiny, num_steps=2)
+    assert (eager(images, np_masks, tokens, np_tmask, noise) - out).abs().max() <= 1e-5
+
+
+def test_prepare_captures_a_shape_without_inputs(tiny):
+    sampler = CompiledSampler(tiny, num_steps=1, torch_compile=False)
+    sampler.prepare(3, slots=(1, 0), prompt_tokens=40)
+    assert set(sampler._states) == {(3, (0, 1), 64)}
+
+
+def test_eager_denoise_loop_never_reads_a_tensor_on_the_host(tiny, case, monkeypatch):
+    """House style: no tensor comparison per Euler step (on a GPU each one is a sync)."""
+    inputs, c = case
+    cache = tiny.prefill(tiny.embed_prefix(*inputs[:4]))
+    assert cache.suffix_key_valid is not None  # the golden batch has padded prompt tokens
+
+    def no_host_reads(*args):
+        raise AssertionError("a tensor was read on the host inside the denoise loop")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_reads)
+    actions = tiny.denoise(cache, inputs[4], 10)
+    monkeypatch.undo()
+    assert (actions - c["output.actions_10steps"]).abs().max() <= 1e-4
+
+
+def test_example_inputs_are_seeded_and_shaped_as_libero_feeds_the_model(tiny):
+    from policy.pi05.examples import example_inputs
+
+    cfg = tiny.config
+    images, masks, tokens, tmask, noise = example_inputs(cfg, batch=2, prompt_tokens=12, seed=3)
+    again = example_inputs(cfg, batch=2, prompt_tokens=12, seed=3)
+    assert torch.equal(images[0], again[0][0]) and torch.equal(noise, again[4])
+    assert [m.tolist() for m in masks] == [[True, True], [True, True], [False, False]] and (images[2] == -1).all()
+    assert tokens.shape == (2, cfg.max_token_len) and tmask.sum(1).tolist() == [12, 12] and (tokens[:, 0] == 2).all()
+    assert noise.shape == (2, cfg.chunk_size, cfg.action_dim)
+    _, _, fixed, fixed_mask, _ = example_inputs(cfg, batch=2, prompt_ids=[2, 7, 9])
+    assert fixed[:, :4].tolist() == [[2, 7, 9, 0]] * 2 and fixed_mask.sum().item() == 6
 
 
 def test_compile_backend_handles_long_prompts_and_single_rows(tiny, case):
     (images, masks, tokens, tmask, noise), _ = case
-    sampler = CompiledSampler(tiny, num_steps=2, compile=False)
+    sampler = CompiledSampler(tiny, num_steps=2, torch_compile=False)
     long_mask = torch.zeros_like(tmask)
     long_mask[:, :150] = True
     long_tokens = torch.where(long_mask, torch.randint(3, 1000, tokens.shape), 0)
@@ -78,26 +152,43 @@ def test_compile_backend_handles_long_prompts_and_single_rows(tiny, case):
 
 def test_cuda_graphs_need_a_gpu(tiny):
     with pytest.raises(ValueError, match="CUDA"):
-        CompiledSampler(tiny, cuda_graphs=True, compile=False)
+        CompiledSampler(tiny, cuda_graphs=True, torch_compile=False)
 
 
 def test_fp8_quantization_emulated_on_the_cpu_stays_close_to_eager(tiny, case):
-    from policy.backends.fp8 import FP8_MATRICES, Fp8Sampler
+    from policy.backends.fp8 import FP8_MATRICES, Fp8Matrix, Fp8Sampler
 
     inputs, _ = case
     sampler = Fp8Sampler(tiny, num_steps=10, emulate=True, calibration=[inputs[:4]])
-    quantized = [(k, i, j) for k, idx in FP8_MATRICES.items() for i in range(len(sampler.weights[k])) for j in idx]
-    unused = {("prefix", 1, 1), ("prefix", 1, 2), ("prefix", 1, 3)}  # the last prefix layer only makes K/V
+    quantized = [(k, i, name) for k, names in FP8_MATRICES.items() for i in range(len(sampler.weights[k]))
+                 for name in names]
+    unused = {("prefix", 1, "o"), ("prefix", 1, "gate_up"), ("prefix", 1, "down")}  # the last prefix layer only makes K/V
     assert set(sampler.amax) == set(quantized) - unused and sampler.calibrator in ("max", "modelopt")
-    quantized = sorted(sampler.amax)
-    for kind, i, j in quantized:
-        w8, w_scale, x_scale = sampler.weights[kind][i][j]
-        assert w8.dtype == torch.float8_e4m3fn and w_scale > 0 and x_scale > 0
+    for kind, i, name in sorted(sampler.amax):
+        m = getattr(sampler.weights[kind][i], name)
+        assert isinstance(m, Fp8Matrix) and m.w8.dtype == torch.float8_e4m3fn and m.w_scale > 0 and m.x_scale > 0
+    # what stays bf16 is named too: the expert's attention, the vision biases
+    assert not isinstance(sampler.weights["expert"][0].qkv, Fp8Matrix)
+    assert not isinstance(sampler.weights["vision"][0].qkv_b, Fp8Matrix)
     out = sampler(*inputs)
     ref = make_sampler("eager", tiny, num_steps=10)(*inputs)
     err = (out - ref).abs()
     print(f"fp8 (emulated) vs eager, tiny model: max {err.max():.3e}, mean {err.mean():.3e}")
     assert 0 < err.mean() < 0.1 and err.max() < 0.5  # FP8 moves the result, but not far
+
+
+def test_fp8_default_calibration_uses_the_shipped_prompt_through_a_tokenizer(tiny, spm_tokenizer, tmp_path):
+    from policy.backends.fp8 import CALIBRATION_DIR, default_calibration
+    from policy.pi05.tokenizer import PaligemmaTokenizer
+
+    prompt = (CALIBRATION_DIR / "prompt.txt").read_text()
+    ids = PaligemmaTokenizer(spm_tokenizer).ids(prompt)
+    ((images, masks, tokens, tmask),) = default_calibration(tiny, tokenizer=spm_tokenizer)
+    assert tokens[0, : len(ids)].tolist() == ids and int(tmask.sum()) == len(ids)
+    assert [bool(m) for m in masks] == [True, True, False] and images[0].shape == (1, 3, 224, 224)
+    # without a tokenizer file: random ids of a LIBERO-like length, the same frames
+    ((images2, _, tokens2, tmask2),) = default_calibration(tiny, tokenizer=tmp_path / "missing.model")
+    assert int(tmask2.sum()) == 24 and torch.equal(images2[0], images[0])
 
 
 def test_fp8_refuses_devices_without_fp8(tiny):
@@ -131,3 +222,30 @@ def test_tensorrt_stage_modules_equal_the_model(tiny, case):
     for i in range(2):
         assert (ks[i][valid] - cache.k[i][:, 0][valid]).abs().max() < 1e-5
         assert (vs[i][valid] - cache.v[i][:, 0][valid]).abs().max() < 1e-5
+
+
+def test_bench_rows_report_accuracy_kernel_checks_and_errors_and_go_on():
+    """The benchmark's plumbing on the CPU (the GPU run is rare): rows with stages and accuracy against
+    eager, the fused kernels' checks, an error row for a bad option, a row for a kernel that fell back."""
+    from policy import bench
+    from policy.backends import expert_triton as et
+
+    specs = ["eager", "compile:torch_compile=false/expert_kernels=triton", "compile:no_such_option=1"]
+    rows = bench.bench(specs, [1], [1], 24, 1, config="tiny", device="cpu", warmup=0)
+    eager, fused, bad = rows
+    assert eager["mean_abs_diff_vs_eager"] == 0 and {"vision_p50_ms", "prefix_p50_ms", "denoise_p50_ms"} <= set(eager)
+    assert fused["mean_abs_diff_vs_eager"] < 1e-2 and "error" not in fused
+    assert sorted(fused["kernels"]) == ["down_residual@10", "geglu@10", "o_residual@10", "qkv_rope@10"]
+    assert "no_such_option" in bad["error"]
+    text = bench.table(rows, "cpu")
+    assert "error: TypeError" in text and "geglu@10: ok" in text
+
+    def broken(*args):
+        raise RuntimeError("ptxas died")
+
+    et.KERNELS["geglu"], saved = (broken, et.geglu_reference), et.KERNELS["geglu"]
+    try:
+        (row,) = bench.bench(specs[1:2], [1], [1], 24, 1, config="tiny", device="cpu", warmup=0)
+    finally:
+        et.KERNELS["geglu"] = saved
+    assert "fell back" in row["error"] and row["kernels"]["geglu@10"].startswith("fallback: RuntimeError: ptxas died")

@@ -8,7 +8,7 @@ import pytest
 
 import envs
 from envs.libero import LiberoEnv
-from envs.suites import SUITES
+from envs.suites import STANDARD_SUITES, SUITES
 
 
 def _check_obs(obs, size=224):
@@ -19,7 +19,7 @@ def _check_obs(obs, size=224):
     assert np.all(np.isfinite(obs["state"]))
 
 
-@pytest.mark.parametrize("suite", list(SUITES))
+@pytest.mark.parametrize("suite", STANDARD_SUITES)  # LIBERO-PRO suites: tests/test_suites.py
 def test_task0_of_every_suite_makes_resets_and_steps(suite):
     env = gym.make(envs.ENV_ID, suite=suite, task_id=0)
     try:
@@ -197,8 +197,11 @@ def test_rendering_backend_error_names_the_packages(monkeypatch):
 
     monkeypatch.delenv("MUJOCO_GL", raising=False)
     monkeypatch.setattr(rendering, "_works", lambda backend: False)
-    with pytest.raises(rendering.RenderingUnavailable, match="libosmesa6"):
+    with pytest.raises(rendering.RenderingUnavailable) as info:
         rendering.select_gl_backend()
+    text = str(info.value)
+    assert "libosmesa6" in text  # the CPU route
+    assert "libglvnd0" in text and "__EGL_VENDOR_LIBRARY_FILENAMES" in text  # the NVIDIA route
 
 
 def test_rendering_backend_probe_finds_egl_or_osmesa(monkeypatch):
@@ -247,3 +250,36 @@ def test_cameras_off_gives_the_same_physics():
         finally:
             env.close()
     np.testing.assert_array_equal(states[0], states[1])
+
+
+def test_rendering_only_some_steps_keeps_physics_and_the_rendered_pixels_exactly():
+    """A runner renders only the steps whose observation the policy (or a video) looks at: physics,
+    success and the pixels of the rendered steps must equal an env that renders every step."""
+    rng = np.random.default_rng(5)
+    actions = rng.uniform(-1, 1, size=(12, 7))
+    runs = {}
+    for every_step in (True, False):
+        env = LiberoEnv(suite="libero_spatial", task_id=1, camera_size=96, image_size=96)
+        try:
+            obs, info = env.reset(options={"init_state_id": 2})
+            frames, states, flags = [(obs["image"], obs["wrist_image"])], [obs["state"]], [info["rendered"]]
+            for t, a in enumerate(actions):
+                env.set_rendering(every_step or t % 5 == 4)  # the step that ends a 5-action chunk
+                obs, _, terminated, _, info = env.step(a)
+                frames.append((obs["image"], obs["wrist_image"]))
+                states.append(obs["state"])
+                flags.append(info["rendered"])
+            runs[every_step] = (frames, np.stack(states), flags, env._sim.env.sim.get_state().flatten())
+        finally:
+            env.close()
+    (f_all, s_all, _, sim_all), (f_some, s_some, flags, sim_some) = runs[True], runs[False]
+    np.testing.assert_array_equal(s_all, s_some)
+    np.testing.assert_array_equal(sim_all, sim_some)
+    assert flags == [True] + [t % 5 == 4 for t in range(12)]
+    for t, rendered in enumerate(flags):
+        for a, b in zip(f_all[t], f_some[t]):
+            if rendered:
+                np.testing.assert_array_equal(a, b)
+                assert a.any()
+            else:
+                assert not b.any()  # skipped: black, never a stale frame

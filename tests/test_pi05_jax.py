@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from policy.convert import convert
-from policy.pi05.config import CAMERA_SLOTS
 from policy.pi05.jax_checkpoint import JaxCheckpoint, write_jax_checkpoint
 from policy.pi05.checkpoints import load_model
 from policy.pi05.weights import CheckpointMismatch
@@ -35,14 +33,12 @@ def test_jax_checkpoint_parameters_equal_the_pytorch_file_bit_for_bit(golden_dir
 
 
 @pytest.mark.parametrize("name", JAX_DIRS)
-def test_jax_checkpoint_reproduces_openpis_outputs(golden_dir, name):
-    case = load_file(str(golden_dir / "tiny_case.safetensors"))
+def test_jax_checkpoint_reproduces_openpis_outputs(golden_dir, golden_case, golden_inputs, name):
     model = load_model(golden_dir / name, config="tiny", dtype=torch.float32)
-    args = ([case[f"input.image.{s}"] for s in CAMERA_SLOTS], [case[f"input.image_mask.{s}"] for s in CAMERA_SLOTS],
-            case["input.tokenized_prompt"], case["input.tokenized_prompt_mask"])
+    *args, noise = golden_inputs
     for n, key in ((1, "actions_1step"), (10, "actions_10steps")):
-        actions = model.sample_actions(*args, noise=case["input.noise"], num_steps=n)
-        assert (actions - case[f"output.{key}"]).abs().max() <= 1e-4
+        actions = model.sample_actions(*args, noise=noise, num_steps=n)
+        assert (actions - golden_case[f"output.{key}"]).abs().max() <= 1e-4
 
 
 def test_paths_with_and_without_value_read_alike(golden_dir):

@@ -18,8 +18,8 @@ TOL = {"prefix_embs": 1e-5, "v": 1e-5, "k": 1e-4, "v_t": 1e-4, "actions": 1e-4}
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir):
-    return load_file(str(golden_dir / "tiny_case.safetensors"))
+def case(golden_case):
+    return golden_case
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +27,14 @@ def model(golden_dir):
     return load_model(golden_dir / "tiny_openpi_model.safetensors", config="tiny", dtype=torch.float32)
 
 
-def inputs(case):
-    images = [case[f"input.image.{s}"] for s in CAMERA_SLOTS]
-    masks = [case[f"input.image_mask.{s}"] for s in CAMERA_SLOTS]
-    return images, masks, case["input.tokenized_prompt"], case["input.tokenized_prompt_mask"]
 
 
 def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-def test_prefix_embeddings_positions_and_kv_cache_match_openpi(model, case):
-    images, masks, tok, tm = inputs(case)
+def test_prefix_embeddings_positions_and_kv_cache_match_openpi(model, case, golden_inputs):
+    images, masks, tok, tm = golden_inputs[:4]
     prefix = model.embed_prefix(images, masks, tok, tm, compact=False)
     assert torch.equal(prefix.valid, case["output.prefix_pad_masks"])
     assert torch.equal(prefix.positions, case["output.prefix_position_ids"])
@@ -53,8 +49,8 @@ def test_prefix_embeddings_positions_and_kv_cache_match_openpi(model, case):
     assert torch.equal(cache.n_valid, torch.tensor([524, 286]))
 
 
-def test_compact_prefix_holds_exactly_the_valid_tokens(model, case):
-    images, masks, tok, tm = inputs(case)
+def test_compact_prefix_holds_exactly_the_valid_tokens(model, case, golden_inputs):
+    images, masks, tok, tm = golden_inputs[:4]
     full = model.prefill(model.embed_prefix(images, masks, tok, tm, compact=False))
     compact = model.prefill(model.embed_prefix(images, masks, tok, tm, compact=True))
     valid = case["output.prefix_pad_masks"]
@@ -72,8 +68,8 @@ def test_patch_embeddings_come_out_contiguous(model, case):
     assert x.shape[1:] == (model.config.num_patches, model.config.vision_width) and x.is_contiguous()
 
 
-def test_velocity_and_time_conditioning_match_openpi(model, case):
-    images, masks, tok, tm = inputs(case)
+def test_velocity_and_time_conditioning_match_openpi(model, case, golden_inputs):
+    images, masks, tok, tm = golden_inputs[:4]
     cache = model.prefill(model.embed_prefix(images, masks, tok, tm, compact=False))
     t = torch.ones(2)
     assert max_err(model.time_conditioning(t), case["output.adarms_cond_at_t1"]) <= 1e-5
@@ -81,11 +77,11 @@ def test_velocity_and_time_conditioning_match_openpi(model, case):
     assert max_err(model.denoise_step(cache, case["input.noise"], t), case["output.v_t_at_t1"]) <= TOL["v_t"]
 
 
-def test_euler_schedule_is_openpis():
+def test_euler_schedule_is_openpis(case):
     from policy.pi05.model import euler_times
 
     times, dt = euler_times(10)
-    golden = load_file(str(__import__("conftest").GOLDEN / "tiny_case.safetensors"))["output.time_steps10"]
+    golden = case["output.time_steps10"]
     assert np.array_equal(np.float32(times), golden.numpy()) and np.float32(dt) == np.float32(-0.1)
     with pytest.raises(ValueError):
         euler_times(0)
@@ -93,16 +89,16 @@ def test_euler_schedule_is_openpis():
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
 @pytest.mark.parametrize("compact", [True, False])
-def test_sampled_actions_match_openpi(model, case, steps, compact):
-    images, masks, tok, tm = inputs(case)
+def test_sampled_actions_match_openpi(model, case, golden_inputs, steps, compact):
+    images, masks, tok, tm = golden_inputs[:4]
     key = {1: "actions_1step", 3: "actions_3steps", 10: "actions_10steps"}[steps]
     actions = model.sample_actions(images, masks, tok, tm, noise=case["input.noise"], num_steps=steps, compact=compact)
     assert actions.shape == (2, 10, 32) and actions.dtype == torch.float32
     assert max_err(actions, case[f"output.{key}"]) <= TOL["actions"]
 
 
-def test_compact_and_masked_prefix_give_the_same_actions(model, case):
-    images, masks, tok, tm = inputs(case)
+def test_compact_and_masked_prefix_give_the_same_actions(model, case, golden_inputs):
+    images, masks, tok, tm = golden_inputs[:4]
     a = model.sample_actions(images, masks, tok, tm, noise=case["input.noise"], num_steps=10, compact=True)
     b = model.sample_actions(images, masks, tok, tm, noise=case["input.noise"], num_steps=10, compact=False)
     assert max_err(a, b) <= 1e-5
@@ -112,8 +108,8 @@ def test_compact_and_masked_prefix_give_the_same_actions(model, case):
     assert max_err(one[0], a[1]) <= 1e-5
 
 
-def test_images_as_a_dict_by_slot_name(model, case):
-    images, masks, tok, tm = inputs(case)
+def test_images_as_a_dict_by_slot_name(model, case, golden_inputs):
+    images, masks, tok, tm = golden_inputs[:4]
     a = model.sample_actions(dict(zip(CAMERA_SLOTS, images)), dict(zip(CAMERA_SLOTS, masks)), tok, tm,
                              noise=case["input.noise"], num_steps=1)
     assert max_err(a, case["output.actions_1step"]) <= TOL["actions"]
@@ -121,12 +117,12 @@ def test_images_as_a_dict_by_slot_name(model, case):
         model.sample_actions({"base_0_rgb": images[0]}, masks, tok, tm, num_steps=1)
 
 
-def test_bf16_runs_and_stays_close_to_fp32(golden_dir, case):
+def test_bf16_runs_and_stays_close_to_fp32(golden_dir, case, golden_inputs):
     model = load_model(golden_dir / "tiny_openpi_model.safetensors", config="tiny", dtype=torch.bfloat16)
     assert model.llm.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
     assert model.llm.layers[0].input_layernorm.weight.dtype == torch.float32  # openpi's fp32 set
     assert model.expert.layers[0].input_layernorm.dense.weight.dtype == torch.float32
-    images, masks, tok, tm = inputs(case)
+    images, masks, tok, tm = golden_inputs[:4]
     actions = model.sample_actions(images, masks, tok, tm, noise=case["input.noise"], num_steps=10)
     err = max_err(actions, case["output.actions_10steps"])
     served = max_err(actions, case["extra.bf16served.actions_10steps"])
@@ -134,9 +130,9 @@ def test_bf16_runs_and_stays_close_to_fp32(golden_dir, case):
     assert torch.isfinite(actions).all() and err <= 2e-2 and served <= 2e-2
 
 
-def test_parity_report(model, case, capsys):
+def test_parity_report(model, case, golden_inputs, capsys):
     """Prints the errors reached (run with -s); asserts nothing beyond the other tests."""
-    images, masks, tok, tm = inputs(case)
+    images, masks, tok, tm = golden_inputs[:4]
     prefix = model.embed_prefix(images, masks, tok, tm, compact=False)
     cache = model.prefill(prefix)
     valid = case["output.prefix_pad_masks"]

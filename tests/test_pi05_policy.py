@@ -207,3 +207,18 @@ def test_padded_batches_give_each_real_row_what_an_unpadded_call_gives(tiny_chec
     np.testing.assert_allclose(padded.infer(batch)["actions"], plain.infer(batch)["actions"], atol=1e-5)
     assert [padded.padded_size(b) for b in (1, 2, 3, 5, 9, 16, 17, 70)] == [1, 2, 4, 8, 16, 16, 24, 128]
     assert sorted(padded.prepare(5)) == [1, 2, 4, 8] and plain.prepare(5) == {}
+
+
+def test_noise_follows_the_episode_and_step_not_the_batch(tiny_checkpoint, spm_tokenizer):
+    policy = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=2, device="cpu", dtype="float32", config="tiny")
+    batch = libero_batch()
+    batch["episode"], batch["step"] = [("libero_spatial", 0, 3, 7), ("libero_spatial", 4, 1, 7)], [0, 5]
+    both = policy.infer(batch)["actions"]
+    swapped = {k: v[::-1] if not isinstance(v, list) else v[::-1] for k, v in batch.items()}
+    np.testing.assert_allclose(policy.infer(swapped)["actions"][::-1], both, atol=1e-5)  # order does not matter
+    alone = {k: v[1:] for k, v in batch.items()}
+    np.testing.assert_allclose(policy.infer(alone)["actions"][0], both[1], atol=1e-5)  # nor the other rows
+    later = dict(batch, step=[0, 10])
+    moved = policy.infer(later)["actions"]
+    np.testing.assert_allclose(moved[0], both[0], atol=1e-5)
+    assert not np.allclose(moved[1], both[1])  # another step of the same episode: other noise

@@ -153,23 +153,121 @@ def test_killed_evaluation_resumes_without_redoing_finished_episodes(tmp_path):
     assert len(list((out / "videos").rglob("*.mp4"))) == 4
 
 
-def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer):
+@pytest.mark.parametrize("execution", ["sync", "rtc"])
+def test_pi05_policy_in_an_evaluation(tmp_path, tiny_checkpoint, spm_tokenizer, execution):
+    latency = "latency_ms=100" if execution == "rtc" else "latency_ms=0"
     cfg = config("policy=pi05", f"policy.checkpoint={tiny_checkpoint}", f"policy.tokenizer={spm_tokenizer}",
-                 "policy.config=tiny", "policy.dtype=float32", "steps=2", "tasks=[0]", "init_states=[0]", *FAST)
+                 "policy.config=tiny", "policy.dtype=float32", "steps=2", "tasks=[0]", "init_states=[0]",
+                 f"execution={execution}", latency, *FAST)
     summary = evaluate(cfg, tmp_path)
     (rec,) = lines(tmp_path)
     assert rec["error"] == "" and rec["env_steps"] == 12 and rec["policy_calls"] == 3
+    assert rec["execution"] == execution and rec["held_steps"] == (2 if execution == "rtc" else 0)
     assert summary["total"]["episodes"] == 1
+    assert summary["policy_identity"]["checkpoint_sha256"] == rec["checkpoint_sha256"]
 
 
-def test_missing_checkpoint_fails_before_any_environment(tmp_path, monkeypatch, spm_tokenizer):
+def test_missing_checkpoint_fails_before_any_environment(tmp_path, monkeypatch, spm_tokenizer, tiny_checkpoint):
     import runners.evaluate as ev
 
     monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
     monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="openpi-assets/checkpoints/pi05_libero"):
         evaluate(config("policy=pi05", f"policy.tokenizer={spm_tokenizer}", *FAST), tmp_path)
-    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):
-        evaluate(config("policy=pi05", "policy.checkpoint=random", *FAST), tmp_path)
+    with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):  # real weights never get a stand-in
+        evaluate(config("policy=pi05", f"policy.checkpoint={tiny_checkpoint}", "policy.config=tiny", *FAST), tmp_path)
     with pytest.raises(ValueError, match="eager, compile, fp8, tensorrt"):
         evaluate(config("policy=pi05", "backend=nope", *FAST), tmp_path)
+
+
+def test_a_slow_reset_does_not_stall_the_other_slots(tmp_path):
+    """Two simulator processes: while one slot starts its episode (slowed by 4 s), the other keeps stepping."""
+    import functools
+
+    events = tmp_path / "events.txt"
+    make = functools.partial(helpers.make_event_env, path=str(events), slow=(1,), delay_s=4.0)
+    cfg = config("tasks=[0]", "init_states=[0,1]", "num_envs=2", "policy=zero", "env.cameras=false",
+                 "max_steps=60", "vectorization=async", "videos=none", "env.camera_size=64", "env.image_size=64")
+    evaluate(cfg, tmp_path / "run", make_env=make)
+    rows = [line.split() for line in events.read_text().splitlines()]
+    slow_begin = next(float(t) for e, k, t in rows if e == "reset_begin" and k == "1")
+    slow_end = next(float(t) for e, k, t in rows if e == "reset_end" and k == "1")
+    steps_meanwhile = [float(t) for e, k, t in rows if e == "step" and k == "0" and slow_begin < float(t) < slow_end]
+    # one CPU step takes well under 0.2 s with cameras off: a pool that waited for the reset would show none
+    assert len(steps_meanwhile) >= 10, (len(steps_meanwhile), slow_end - slow_begin)
+    assert sorted(r["init_state_id"] for r in lines(tmp_path / "run")) == [0, 1]
+
+
+def test_async_execution_timing_at_the_env(tmp_path):
+    """latency_ms=100 is 2 steps at 20 Hz: the env holds for 2 steps, then gets each chunk's actions from
+    index 2 on; requests every `replan` steps; recorded at the env itself."""
+    helpers.LOGS.clear()
+    policy = ChunkPolicy(chunk_size=8)
+    cfg = config("tasks=[0]", "init_states=[0]", "replan=3", "execution=async", "latency_ms=100", *FAST)
+    evaluate(cfg, tmp_path, policy=policy, make_env=helpers.make_logged_env)
+    (log,) = helpers.LOGS
+    executed = [a for (_, _, _, a) in log.actions]
+    assert len(executed) == 12
+    hold = np.array([0, 0, 0, 0, 0, 0, -1.0])
+    np.testing.assert_array_equal(executed[0], hold)
+    np.testing.assert_array_equal(executed[1], hold)
+    # request j at step 3j, usable at 3j + 2, executing index (step - 3j): 2, 3, 4 of each chunk
+    expected = [ChunkPolicy.encode(call, j, 0) for call in range(4) for j in (2, 3, 4)][:10]
+    assert [round(a[0], 6) for a in executed[2:]] == expected
+    assert [c["n"] for c in policy.calls] == [1, 1, 1, 1]
+    (rec,) = lines(tmp_path)
+    assert rec["execution"] == "async" and rec["sim_latency_ms"] == 100.0 and rec["delay_steps"] == 2
+    assert rec["held_steps"] == 2 and rec["policy_calls"] == 4 and rec["chunk_boundary_jump"] is not None
+
+
+def test_async_with_zero_latency_is_bit_identical_to_sync(tmp_path):
+    runs = {}
+    for execution in ("sync", "async"):
+        helpers.LOGS.clear()
+        policy = ChunkPolicy(chunk_size=8)
+        cfg = config("tasks=[0,4]", "init_states=[0]", "num_envs=2", "replan=5", f"execution={execution}",
+                     "latency_ms=0", *FAST)
+        evaluate(cfg, tmp_path / execution, policy=policy, make_env=helpers.make_logged_env)
+        runs[execution] = ({log.actions[0][1]: [a for *_, a in log.actions] for log in helpers.LOGS},
+                           {r["task_id"]: r for r in lines(tmp_path / execution)}, policy.calls)
+    (acts_s, recs_s, calls_s), (acts_a, recs_a, calls_a) = runs["sync"], runs["async"]
+    assert calls_s == calls_a
+    for task in (0, 4):
+        np.testing.assert_array_equal(np.array(acts_s[task]), np.array(acts_a[task]))
+        same = ("success", "env_steps", "error", "held_steps", "action_jerk", "chunk_boundary_jump", "delay_steps")
+        assert {k: recs_s[task][k] for k in same} == {k: recs_a[task][k] for k in same}
+
+
+def test_execution_settings_are_checked_before_any_environment(tmp_path, monkeypatch):
+    import runners.evaluate as ev
+
+    monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
+    with pytest.raises(ValueError, match="execution=sync freezes the simulator"):
+        evaluate(config("latency_ms=100", *FAST), tmp_path)
+    with pytest.raises(ValueError, match="unknown execution 'later'"):
+        evaluate(config("execution=later", *FAST), tmp_path)
+    with pytest.raises(ValueError, match="latency_ms must be a number of milliseconds or 'measured'"):
+        evaluate(config("execution=async", "latency_ms=soon", *FAST), tmp_path)
+    with pytest.raises(ValueError, match=r"replan=5 \+ the latency's 6 steps exceeds the policy's chunk length 10"):
+        evaluate(config("execution=async", "latency_ms=300", *FAST), tmp_path)
+    with pytest.raises(ValueError, match="execution=rtc needs a policy"):
+        evaluate(config("execution=rtc", "latency_ms=100", *FAST), tmp_path)
+
+
+def test_perturbations_reach_the_env_and_every_record(tmp_path, monkeypatch):
+    cfg = config("tasks=[0]", "init_states=[0]", "policy=zero", "perturb=language", "perturb.severity=1.0", *FAST)
+    summary = evaluate(cfg, tmp_path / "lang")
+    (rec,) = lines(tmp_path / "lang")
+    plain = evaluate(config("tasks=[0]", "init_states=[0]", "policy=zero", *FAST), tmp_path / "plain")
+    (base,) = lines(tmp_path / "plain")
+    assert rec["perturb"] == "language" and rec["severity"] == {"language": 1.0}
+    assert base["perturb"] == "none" and base["severity"] == {}
+    assert rec["task"] != base["task"]  # the prompt was rephrased
+    assert summary["perturb"] == "language" and summary["config_hash"] != plain["config_hash"]
+    import runners.evaluate as ev
+
+    monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
+    with pytest.raises(ValueError, match="no perturbation is selected"):
+        evaluate(config("perturb.severity=0.5", *FAST), tmp_path / "bad")
+    with pytest.raises(ValueError, match="severity"):
+        evaluate(config("perturb=camera", "perturb.camera.severity=2", *FAST), tmp_path / "bad2")

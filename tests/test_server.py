@@ -223,3 +223,249 @@ def test_remote_evaluation_equals_the_in_process_one(tmp_path, tiny_checkpoint, 
     read = lambda d: [{k: r[k] for k in ("success", "env_steps", "error")}  # noqa: E731
                       for r in map(json.loads, (tmp_path / d / "results.jsonl").read_text().splitlines())]
     assert read("local") == read("remote")
+
+
+# ----- issue #14: hardening ------------------------------------------------------------------------
+
+def _raw_recv_reply(ws, payload, timeout=10):
+    ws.send(payload)
+    return ws.recv(timeout=timeout)
+
+
+def test_object_dtype_in_a_message_is_refused_and_the_served_process_lives():
+    """A ~600-byte message naming dtype '|O' used to make openpi's decoder build an object array from
+    the client's bytes; reading it crashed `python -m runners.serve` with SIGSEGV."""
+    import msgpack
+    from serving import ServeProcess
+
+    image = {b"__ndarray__": True, b"data": b"\0" * 3, b"dtype": "|u1", b"shape": [1, 1, 3]}
+    hostile = msgpack.packb({
+        "observation/image": image, "observation/wrist_image": image,
+        "observation/state": {b"__ndarray__": True, b"data": b"A" * 64, b"dtype": "|O", b"shape": [8]},
+        "prompt": "x" * 400})
+    assert len(hostile) < 700
+    with ServeProcess() as srv:
+        ws = _raw(srv.port)
+        reply = _raw_recv_reply(ws, hostile)
+        assert isinstance(reply, str) and "dtype '|O' is not allowed" in reply
+        time.sleep(0.2)
+        assert srv.alive(), srv.output()
+        assert WebsocketClientPolicy("127.0.0.1", srv.port).infer(observation())["actions"].shape == (10, 7)
+
+
+def test_message_over_max_message_mb_gets_1009_and_a_log_line_and_others_are_served(caplog):
+    from websockets.exceptions import ConnectionClosedError
+
+    big = {**observation(), "observation/image": np.zeros((1000, 1000, 3), np.uint8)}  # 3 MB > 1 MiB
+    with Running(ZeroPolicy(), max_message_mb=1) as server:
+        client = WebsocketClientPolicy("127.0.0.1", server.port)
+        with pytest.raises(ConnectionClosedError) as info:
+            client.infer(big)
+        assert info.value.rcvd.code == 1009 and "exceeds limit of 1048576 bytes" in info.value.rcvd.reason
+        assert WebsocketClientPolicy("127.0.0.1", server.port).infer(observation())["actions"].shape == (10, 7)
+        deadline = time.monotonic() + 5
+        while "max_message_mb is 1" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert "max_message_mb is 1" in caplog.text
+
+
+def test_max_message_mb_must_be_positive():
+    with pytest.raises(ValueError, match="max_message_mb"):
+        PolicyServer(ZeroPolicy(), max_message_mb=0)
+
+
+def test_decoding_runs_off_the_event_loop():
+    """While one client's observation is being parsed (made slow here, deterministically: it waits for
+    an event), another client's request is answered. Parsing on the event loop would block it."""
+    import runners.server as server_mod
+
+    release, entered = threading.Event(), threading.Event()
+    real = server_mod.parse_observation
+
+    def slow_for_big(obs, image_size=224):
+        if obs["observation/image"].shape[0] == 800:  # only the big client's observation waits
+            entered.set()
+            release.wait(20)
+        return real(obs, image_size)
+
+    server_mod.parse_observation = slow_for_big
+    try:
+        with Running(ZeroPolicy()) as server:
+            big_client = WebsocketClientPolicy("127.0.0.1", server.port)
+            small_client = WebsocketClientPolicy("127.0.0.1", server.port)
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("big", big_client.infer(
+                {**observation(), "observation/image": np.zeros((800, 800, 3), np.uint8)})))
+            t.start()
+            assert entered.wait(10)
+            got = {}
+            s = threading.Thread(target=lambda: got.setdefault("small", small_client.infer(observation(1))))
+            s.start()
+            s.join(5)
+            answered_while_parsing = "small" in got
+            release.set()
+            t.join(10)
+            s.join(10)
+    finally:
+        server_mod.parse_observation = real
+        release.set()
+    assert answered_while_parsing, "the small client waited for the big client's parsing"
+    assert out["big"]["actions"].shape == (10, 7)
+
+
+def _listening_addresses(port):
+    """The IPv4 addresses a socket LISTENs on at `port`, from /proc/net/tcp (hex, little-endian)."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.append(socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]))
+    return found
+
+
+def test_binds_loopback_by_default():
+    server = PolicyServer(ZeroPolicy(), port=0)
+    thread = threading.Thread(target=lambda: asyncio.run(server.run()), daemon=True)
+    thread.start()
+    try:
+        assert server.started.wait(30)
+        assert _listening_addresses(server.port) == ["127.0.0.1"]  # was 0.0.0.0: every interface
+    finally:
+        server.stop()
+        thread.join(30)
+
+
+def test_serve_config_binds_loopback_and_has_the_new_settings():
+    import helpers
+
+    cfg = helpers.config(name="serve")
+    assert cfg.host == "127.0.0.1" and cfg.api_key is None and cfg.max_message_mb == 32
+    remote = helpers.config("policy=remote")
+    assert remote.policy.api_key is None and remote.policy.timeout_s == 60
+
+
+def test_api_key_is_required_when_set_and_healthz_stays_open():
+    from websockets.exceptions import InvalidStatus
+
+    with Running(ZeroPolicy(), api_key="s3cret") as server:
+        for key in (None, "wrong", "s3cre", "S3cret"):
+            with pytest.raises(InvalidStatus) as info:
+                WebsocketClientPolicy("127.0.0.1", server.port, api_key=key)
+            assert info.value.response.status_code == 401
+            assert b"Api-Key" in info.value.response.body
+        ok = WebsocketClientPolicy("127.0.0.1", server.port, api_key="s3cret")
+        assert ok.infer(observation())["actions"].shape == (10, 7)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
+            assert r.status == 200
+
+
+def test_serve_passes_api_key_and_keeps_it_out_of_the_metadata():
+    from websockets.exceptions import InvalidStatus
+    from serving import ServeProcess
+
+    with ServeProcess("api_key=s3cret") as srv:
+        with pytest.raises(InvalidStatus):
+            WebsocketClientPolicy("127.0.0.1", srv.port)
+        client = WebsocketClientPolicy("127.0.0.1", srv.port, api_key="s3cret")
+        assert "s3cret" not in repr(client.get_server_metadata())
+        assert client.infer(observation())["actions"].shape == (10, 7)
+
+
+class _Misbehaving(ZeroPolicy):
+    """Misbehaves on prompts starting with 'bad:' (how, after the colon); serves the rest."""
+
+    def infer(self, batch):
+        how = batch["prompt"][0].removeprefix("bad:") if batch["prompt"][0].startswith("bad:") else None
+        good = super().infer(batch)
+        if how is None:
+            return good
+        if how == "raise":
+            raise RuntimeError("boom")
+        if how == "string":
+            return "not a dict"
+        if how == "none":
+            return None
+        if how == "no-actions":
+            return {"action": good["actions"]}
+        if how == "wrong-shape":
+            return {"actions": np.zeros((5, 3))}
+        if how == "strings":
+            return {"actions": np.full(good["actions"].shape, "x")}
+        if how == "bad-timing":
+            return {**good, "policy_timing": "junk"}
+        if how == "odd-timing":
+            return {**good, "policy_timing": {"infer_ms": object(), "x": 1.5}}
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["raise", "string", "none", "no-actions", "wrong-shape", "strings"])
+def test_a_misbehaving_policy_fails_that_request_and_the_batcher_goes_on(how):
+    with Running(_Misbehaving()) as server:
+        ws = _raw(server.port)
+        reply = _raw_recv_reply(ws, msgpack_numpy.packb(observation(prompt=f"bad:{how}")))
+        assert isinstance(reply, str) and reply.startswith("policy error")
+        for k in range(2):  # later requests, on a new connection, are served
+            client = WebsocketClientPolicy("127.0.0.1", server.port)
+            ws2 = client._ws
+            ws2.send(msgpack_numpy.packb(observation(k)))
+            assert msgpack_numpy.unpackb(ws2.recv(timeout=10))["actions"].shape == (10, 7)
+
+
+@pytest.mark.parametrize("how", ["bad-timing", "odd-timing"])
+def test_unusable_policy_timing_is_replaced_not_fatal(how):
+    with Running(_Misbehaving()) as server:
+        ws = _raw(server.port)
+        reply = msgpack_numpy.unpackb(_raw_recv_reply(ws, msgpack_numpy.packb(observation(prompt=f"bad:{how}"))))
+        assert reply["actions"].shape == (10, 7)
+        assert all(isinstance(v, float) for v in reply["policy_timing"].values())
+
+
+def test_sigterm_still_exits_after_a_policy_returned_a_non_dict():
+    from serving import ServeProcess
+
+    with ServeProcess("policy._target_=serving.NonDictPolicy") as srv:
+        ws = _raw(srv.port)
+        reply = _raw_recv_reply(ws, msgpack_numpy.packb(observation()))
+        assert isinstance(reply, str) and "without an 'actions' entry" in reply
+        assert srv.terminate(timeout=30) == 0
+
+
+def test_a_client_that_left_while_queued_is_not_computed():
+    """The leaver's request waits behind a slow call; it leaves; its request must not reach the policy."""
+    seen = []
+
+    class Recording(ZeroPolicy):
+        def infer(self, batch):
+            seen.extend(batch["prompt"])
+            return super().infer(batch)
+
+    policy = Recording(delay_s=0.6)
+    with Running(policy, window_ms=1) as server:
+        first = WebsocketClientPolicy("127.0.0.1", server.port)
+        t = threading.Thread(target=lambda: first.infer(observation(prompt="first")))
+        t.start()
+        time.sleep(0.2)  # "first" is inside its 0.6 s policy call
+        leaver = _raw(server.port)
+        leaver.send(msgpack_numpy.packb(observation(prompt="leaver")))
+        time.sleep(0.1)
+        leaver.close()
+        t.join(10)
+        time.sleep(0.3)  # the batcher has had its chance to pick "leaver"
+        assert WebsocketClientPolicy("127.0.0.1", server.port).infer(observation(prompt="after"))["actions"].shape == (10, 7)
+    assert "leaver" not in seen and seen == ["first", "after"]
+
+
+def test_the_episode_step_extension_is_optional_and_checked():
+    from runners.server import BadRequest, parse_observation
+
+    obs = {"observation/image": np.zeros((224, 224, 3), np.uint8), "observation/wrist_image": np.zeros((224, 224, 3), np.uint8),
+           "observation/state": np.zeros(8, np.float32), "prompt": "put the bowl on the plate"}
+    assert "episode" not in parse_observation(obs)  # openpi's clients never send it
+    row = parse_observation({**obs, "harness/episode": ["libero_spatial", 3, 7, 7], "harness/step": 15})
+    assert row["episode"] == ("libero_spatial", 3, 7, 7) and row["step"] == 15
+    for bad in ({"harness/episode": "x" * 10, "harness/step": 1}, {"harness/episode": [[1]], "harness/step": 1},
+                {"harness/episode": ["a"], "harness/step": -1}, {"harness/episode": ["a"], "harness/step": True},
+                {"harness/episode": list(range(9)), "harness/step": 0}, {"harness/step": 3}):
+        with pytest.raises(BadRequest, match="harness/"):
+            parse_observation({**obs, **bad})

@@ -15,7 +15,6 @@ import threading
 import uuid
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 
 from videos.overlay import banner, compose, frame_size
@@ -54,6 +53,8 @@ class EpisodeVideo:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
         self._last: np.ndarray | None = None
         height, width = frame_size(view)
+        import imageio_ffmpeg  # here, not at import: videos=none needs no ffmpeg at all
+
         self._writer = imageio_ffmpeg.write_frames(
             str(self.partial_path),
             (width, height),

@@ -3,13 +3,15 @@
     sampler = make_sampler("compile", model, num_steps=10)
     actions = sampler(images, image_masks, tokens, token_masks, noise)   # (B, chunk, action_dim) fp32
 
-A sampler also exposes its stages for the benchmark: `encode(...) -> cache` (vision + prefix) and
-`denoise(cache, noise) -> actions`. Backends are chosen by name, never by flags inside the model.
+Every sampler implements the `Sampler` protocol (policy/backends/base.py): `__call__`, `encode`,
+`denoise`, `stages`, `name`, `num_steps`. Backends are chosen by name, never by flags inside the model.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from policy.backends.base import Sampler
 
 # name -> "module:factory"; modules are imported on use (optional dependencies stay optional).
 BACKENDS = {
@@ -30,5 +32,9 @@ def get_backend(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def make_sampler(name: str, model, num_steps: int = 10, **options):
+def make_sampler(name: str, model, num_steps: int = 10, **options) -> Sampler:
+    """Backend `name`'s sampler over `model`; `options` are that backend's keyword arguments."""
     return get_backend(name)(model, num_steps=num_steps, **options)
+
+
+__all__ = ["BACKENDS", "Sampler", "get_backend", "make_sampler"]

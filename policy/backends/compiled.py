@@ -1,11 +1,8 @@
 """The `compile` backend: fused weights, regional torch.compile, and CUDA graphs over each stage.
 
 What it does to the eager model's computation (all exact in real arithmetic; bf16 rounding moves):
-* fused projections: q|k|v in one matrix per attention, gate|up in one per Gemma MLP;
-* norm affines folded into the next matrix: SigLIP LayerNorm `g, b` (W' = W diag(g), c' = c + W b)
-  and Gemma RMSNorm `(1 + w)` (W' = W diag(1 + w));
-* time conditioning precomputed for the fixed step schedule: the time MLP and every adaRMS
-  modulation (18 x 2 + 1 Dense layers) depend only on t, so the denoise loop never runs them;
+* fused projections (q|k|v, gate|up), norm affines folded into the next matrix, and the time
+  conditioning precomputed for the fixed step schedule (policy/backends/fused.py);
 * static buffers: the prefix K/V cache and the action tokens' own K/V share one buffer per layer
   (no concatenation), positions and masks are computed once per observation;
 * one torch.compile'd function per layer kind (SigLIP, Gemma prefix, expert), reused by every layer
@@ -13,7 +10,13 @@ What it does to the eager model's computation (all exact in real arithmetic; bf1
   (vision, prefix, whole denoise loop) replayed per call.
 
 Shapes are static per (batch size, camera slots present, prompt bucket): the prompt is padded to the
-next of PROMPT_BUCKETS tokens and padding is masked, so any prompt reuses a captured graph.
+next of PROMPT_BUCKETS tokens and padding is masked, so any prompt reuses a captured graph. The shape
+is read from the masks on the host: masks passed as host tensors (or numpy arrays, as the policy has
+them before upload) make a call one copy of the inputs plus graph replays, with no device sync before
+the actions come back; masks on the device are copied to the host first (a sync).
+
+`expert_kernels="triton"` runs the expert layers of the denoise loop through fused Triton kernels
+(policy/backends/expert_triton.py) instead of the inductor-compiled layer; "inductor" is the default.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from policy.backends.fused import fused_weights, precompute_modulations
+from policy.backends.rtc import Guide, guided_velocity
 from policy.pi05.gemma import apply_rope as _rope
 from policy.pi05.gemma import rms as _rms
 from policy.pi05.gemma import rope_cos_sin
@@ -32,6 +38,14 @@ from policy.pi05.model import Pi05Model, as_slots, euler_times
 PROMPT_BUCKETS = (32, 64, 128, 200)
 STAGES = ("vision", "prefix", "denoise")
 KEY_ALIGN = 64  # key count of the denoise attention, rounded up: unaligned GEMMs get slow kernels
+EXPERT_KERNELS = ("inductor", "triton")
+
+
+def host_bool(mask) -> np.ndarray:
+    """A mask as a numpy bool array (a device tensor is copied to the host: that syncs)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().to("cpu")
+    return np.asarray(mask, dtype=bool)
 
 
 def split_qkv(qkv, cos, sin, heads: int, hd: int):
@@ -78,6 +92,9 @@ def attention(q, k, v, bias, heads: int, impl: str):
     return mqa_attention(q, k, v, bias).reshape(b, rows // heads, heads * hd)
 
 
+attention_fn = attention  # CompiledSampler's `attention` argument (a name) hides the function there
+
+
 # ----- the layer functions that get compiled (weights are arguments: one compile serves all layers) -----
 
 def siglip_layer(x, qkv_w, qkv_b, o_w, o_b, fc1_w, fc1_b, fc2_w, fc2_b, *, heads: int, eps: float, linear=F.linear):
@@ -105,18 +122,34 @@ def prefix_layer(x, cos, sin, bias, k_buf, v_buf, qkv_w, o_w, gu_w, down_w, *, h
 
 
 def expert_layer(x, mods, cos, sin, bias, k_buf, v_buf, qkv_w, o_w, gu_w, down_w, *, heads: int, hd: int,
-                 eps: float, prefix_len: int, linear=F.linear, impl: str = "matmul"):
+                 eps: float, prefix_len: int, linear=F.linear, impl: str = "matmul", functional: bool = False):
     """One action-expert layer; `mods` (6, w) holds this step's [scale, shift, gate] x 2 (fp32). The
-    action tokens' K/V go into k_buf/v_buf[:, prefix_len:prefix_len + T], after the cached prefix."""
+    action tokens' K/V go into k_buf/v_buf[:, prefix_len:prefix_len + T], after the cached prefix.
+    `functional=True` writes nothing and attends [cached prefix ; own K/V] by concatenation instead,
+    so autograd can differentiate the step (real-time chunking's guidance, policy/backends/rtc.py)."""
     h = (_rms(x, eps) * (1.0 + mods[0]) + mods[1]).to(x.dtype)
     q, k, v = split_qkv(linear(h, qkv_w, None), cos, sin, heads, hd)
     t = x.shape[1]
-    k_buf[:, prefix_len:prefix_len + t].copy_(k)
-    v_buf[:, prefix_len:prefix_len + t].copy_(v)
-    x = x + linear(attention(q, k_buf, v_buf, bias, heads, impl), o_w, None) * mods[2].to(x.dtype)
+    if functional:
+        keys, values = torch.cat([k_buf[:, :prefix_len], k], dim=1), torch.cat([v_buf[:, :prefix_len], v], dim=1)
+        bias = bias[:, :, :prefix_len + t]
+    else:
+        k_buf[:, prefix_len:prefix_len + t].copy_(k)
+        v_buf[:, prefix_len:prefix_len + t].copy_(v)
+        keys, values = k_buf, v_buf
+    x = x + linear(attention(q, keys, values, bias, heads, impl), o_w, None) * mods[2].to(x.dtype)
     h = (_rms(x, eps) * (1.0 + mods[3]) + mods[4]).to(x.dtype)
     gate, up = linear(h, gu_w, None).chunk(2, dim=-1)
     return x + linear(F.gelu(gate, approximate="tanh") * up, down_w, None) * mods[5].to(x.dtype)
+
+
+def differentiable_linear(x, w, bias=None):
+    """F.linear; an FP8 matrix (w8, w_scale, x_scale) is dequantized to the activations' dtype, since
+    torch._scaled_mm has no backward and real-time chunking differentiates through the expert."""
+    if isinstance(w, tuple):
+        w8, w_scale, _ = w
+        w = (w8.to(torch.float32) * w_scale).to(x.dtype)
+    return F.linear(x, w, bias)
 
 
 def expert_stack(x, mods, cos, sin, bias, ks, vs, weights, **kw):
@@ -131,55 +164,6 @@ def suffix_out(x, mods, w, b, *, eps: float):
     """Final adaRMS (gate discarded) and the fp32 velocity head."""
     h = _rms(x, eps) * (1.0 + mods[0]) + mods[1]
     return F.linear(h.to(w.dtype), w, b).float()
-
-
-# ----- weights ----------------------------------------------------------------------------------------
-
-def fused_weights(model: Pi05Model) -> dict[str, list]:
-    """Per layer kind, the fused and norm-folded matrices (computed in fp32, stored in the model dtype)."""
-    dt = model.dtype
-    out = {"vision": [], "prefix": [], "expert": []}
-    with torch.no_grad():
-        for layer in model.vision.encoder.layers:
-            a, ln1, ln2 = layer.self_attn, layer.layer_norm1, layer.layer_norm2
-            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).float()
-            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).float()
-            qkv_w, qkv_b = w * ln1.weight.float(), bias + w @ ln1.bias.float()
-            fc1 = layer.mlp.fc1
-            fc1_w, fc1_b = fc1.weight.float() * ln2.weight.float(), fc1.bias.float() + fc1.weight.float() @ ln2.bias.float()
-            out["vision"].append([qkv_w.to(dt), qkv_b.to(dt), a.out_proj.weight, a.out_proj.bias, fc1_w.to(dt),
-                                  fc1_b.to(dt), layer.mlp.fc2.weight, layer.mlp.fc2.bias])
-        for layer in model.llm.layers:
-            a = layer.self_attn
-            g1 = 1.0 + layer.input_layernorm.weight.float()
-            g2 = 1.0 + layer.post_attention_layernorm.weight.float()
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).float() * g1
-            gu = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).float() * g2
-            out["prefix"].append([qkv.to(dt), a.o_proj.weight, gu.to(dt), layer.mlp.down_proj.weight])
-        for layer in model.expert.layers:
-            a = layer.self_attn
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            gu = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
-            out["expert"].append([qkv, a.o_proj.weight, gu, layer.mlp.down_proj.weight])
-    return out
-
-
-def precompute_modulations(model: Pi05Model, times: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """adaRMS [scale, shift, gate] of every expert norm at every step: (steps, depth, 6, w), and the
-    final norm's [scale, shift]: (steps, 2, w). fp32, as openpi computes the modulation."""
-    dev = model.time_mlp_in.weight.device
-    layers, final = [], []
-    with torch.no_grad():
-        for t in times:
-            cond = model.time_conditioning(torch.tensor([t], dtype=torch.float32, device=dev))
-            per_layer = []
-            for layer in model.expert.layers:
-                mods = layer.input_layernorm.modulation(cond) + layer.post_attention_layernorm.modulation(cond)
-                per_layer.append(torch.cat([m.reshape(1, -1) for m in mods]).float())
-            layers.append(torch.stack(per_layer))
-            scale, shift, _ = model.expert.norm.modulation(cond)
-            final.append(torch.cat([scale.reshape(1, -1), shift.reshape(1, -1)]).float())
-    return torch.stack(layers), torch.stack(final)
 
 
 # ----- per-shape state ----------------------------------------------------------------------------------
@@ -215,14 +199,38 @@ class _State:
     graphs: dict = field(default_factory=dict)
 
 
+def _on_device(method):
+    """Run a method with the sampler's GPU as the current CUDA device: streams, graph capture and
+    replay, and Triton launches all use the current device, which in a multi-GPU sweep is not
+    necessarily the model's (job k of a joblib sweep runs on cuda:(k mod n))."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class CompiledSampler:
     """Pi0.5 sampling through fused, compiled layers; CUDA graphs on GPU (see the module docstring)."""
 
     name = "compile"
+    supports_rtc = True  # through the differentiable expert path, without graph capture
 
-    def __init__(self, model: Pi05Model, num_steps: int = 10, compile: bool = True, cuda_graphs: bool | None = None,
+    def __init__(self, model: Pi05Model, num_steps: int = 10, torch_compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
-                 whole_step: bool = True, linear=None):
+                 whole_step: bool = True, expert_kernels: str = "inductor", expert_attention: str = "compiled",
+                 linear=None):
+        """torch_compile: compile the layer functions with inductor (False: run them eagerly, e.g. to check
+        the fused structure); cuda_graphs: capture each stage (default: on CUDA); compile_mode /
+        expert_compile_mode: torch.compile modes; attention: "matmul" or "sdpa"; whole_step: compile a
+        denoise step's expert layers as one graph; expert_kernels: "inductor" or "triton" (the fused
+        expert kernels); expert_attention (with expert_kernels="triton"): "compiled" (the attention
+        function above, compiled) or "triton" (split-key attention kernels); linear: the matrix product
+        (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
         self.device = model.llm.embed_tokens.weight.device
@@ -237,6 +245,12 @@ class CompiledSampler:
         self._linear = linear or F.linear
         if attention not in ("matmul", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}; choose matmul or sdpa")
+        if expert_kernels not in EXPERT_KERNELS:
+            raise ValueError(f"unknown expert_kernels {expert_kernels!r}; choose {' or '.join(EXPERT_KERNELS)}")
+        if expert_attention not in ("compiled", "triton"):
+            raise ValueError(f"unknown expert_attention {expert_attention!r}; choose compiled or triton")
+        if expert_attention == "triton" and expert_kernels != "triton":
+            raise ValueError("expert_attention='triton' runs inside the fused expert layer: add expert_kernels='triton'")
         self._impl = attention
         hd, heads, eps = cfg.head_dim, cfg.num_heads, cfg.norm_eps
         fns = {
@@ -247,38 +261,68 @@ class CompiledSampler:
                                            impl=self._impl),
             "out": functools.partial(suffix_out, eps=eps),
         }
-        if compile:
+        if expert_kernels == "triton" and expert_attention == "compiled":
+            fns["attention"] = functools.partial(attention_fn, heads=heads, impl=self._impl)  # between the kernels
+        if torch_compile:
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, mode=compile_mode) for k, f in fns.items()}
         self._fn = fns
         self._expert = {}  # prefix length -> compiled expert layer (prefix_len is baked in)
-        self._compile, self._compile_mode = compile, compile_mode
+        self.expert_kernels = expert_kernels
+        self._kernels = self._expert_kernels(fns.get("attention")) if expert_kernels == "triton" else None
+        self._compile, self._compile_mode = torch_compile, compile_mode
         self._expert_mode = expert_compile_mode or compile_mode
         self._whole_step = bool(whole_step)
         self._states: dict[tuple, _State] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        if self.cuda_graphs:
+            with torch.cuda.device(self.device):
+                self._pool = torch.cuda.graph_pool_handle()
+        else:
+            self._pool = None
 
     def prepare_weights(self, weights: dict[str, list]) -> dict[str, list]:
         """Hook for subclasses (FP8 swaps matrices here)."""
         return weights
 
-    def _expert_fn(self, prefix_len: int):
-        if prefix_len not in self._expert:
+    def _expert_kernels(self, attention):
+        from policy.backends import expert_triton  # imports triton: only for this option
+
+        hd = self.cfg.head_dim
+        if self.device.type != "cuda" and not expert_triton.INTERPRET:
+            raise ValueError("expert_kernels='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+        if self.device.type == "cuda" and (hd // 2) % 32:
+            raise ValueError(f"expert_kernels='triton' needs head_dim / 2 to be a multiple of 32, got head_dim {hd}")
+        return expert_triton.ExpertKernels(self.cfg.num_heads, self.cfg.norm_eps, attention)
+
+    @property
+    def kernel_status(self) -> dict[str, str]:
+        """Per fused expert kernel (expert_kernels="triton"), "ok: ..." or "fallback: ..." once it has run."""
+        return dict(self._kernels.status) if self._kernels is not None else {}
+
+    def _expert_fn(self, prefix_len: int, functional: bool = False):
+        key = (prefix_len, functional)
+        if key not in self._expert:
             cfg = self.cfg
-            f = functools.partial(expert_stack if self._whole_step else expert_layer, heads=cfg.num_heads,
-                                  hd=cfg.head_dim, eps=cfg.norm_eps,
-                                  prefix_len=prefix_len, linear=self._linear, impl=self._impl)
-            self._expert[prefix_len] = torch.compile(f, fullgraph=True, dynamic=False, mode=self._expert_mode) \
+            whole = self._whole_step or functional
+            f = functools.partial(expert_stack if whole else expert_layer, heads=cfg.num_heads,
+                                  hd=cfg.head_dim, eps=cfg.norm_eps, prefix_len=prefix_len,
+                                  linear=differentiable_linear if functional else self._linear, impl=self._impl,
+                                  functional=functional)
+            self._expert[key] = torch.compile(f, fullgraph=True, dynamic=False, mode=self._expert_mode) \
                 if self._compile else f
-        return self._expert[prefix_len]
+        return self._expert[key]
 
     # ----- shapes and buffers ---------------------------------------------------------------------------
-    def shape_for(self, image_masks, token_masks) -> _Shape:
-        masks = [m.detach().to("cpu", torch.bool) for m in image_masks]
-        slots = tuple(i for i, m in enumerate(masks) if bool(m.any()))
-        longest = int(token_masks.detach().to("cpu").sum(1).max())
+    def bucket(self, prompt_tokens: int) -> int:
+        """The prompt bucket holding `prompt_tokens` tokens."""
         cap = self.cfg.max_token_len
-        bucket = next((b for b in PROMPT_BUCKETS if b >= longest and b <= cap), cap)
-        return _Shape(int(token_masks.shape[0]), slots, min(bucket, cap))
+        return min(next((b for b in PROMPT_BUCKETS if prompt_tokens <= b <= cap), cap), cap)
+
+    def shape_for(self, image_masks, token_masks) -> _Shape:
+        """The static shape of these inputs, read from the masks on the host: free for host masks
+        (numpy or CPU tensors); device masks are copied to the host (a device sync)."""
+        slots = tuple(i for i, m in enumerate(image_masks) if host_bool(m).any())
+        token_masks = host_bool(token_masks)
+        return _Shape(int(token_masks.shape[0]), slots, self.bucket(int(token_masks.sum(1).max())))
 
     def _state(self, shape: _Shape) -> _State:
         if shape.key in self._states:
@@ -351,12 +395,15 @@ class CompiledSampler:
 
     def _denoise(self, shape: _Shape, st: _State) -> None:
         m = self.model
-        layer = self._expert_fn(st.prefix_len)
+        layer = self._expert_fn(st.prefix_len) if self._kernels is None else None
         x = st.noise.clone()
         for step in range(self.num_steps):
             h = m.action_in_proj(x).to(self.dtype)
             mods = self.mods[step]
-            if self._whole_step:
+            if self._kernels is not None:
+                h = self._kernels.stack(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"],
+                                        st.prefix_len)
+            elif self._whole_step:
                 h = layer(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"])
             else:
                 for i, w in enumerate(self.weights["expert"]):
@@ -365,6 +412,25 @@ class CompiledSampler:
             x = x + self.dt * v
         st.actions.copy_(x)
 
+    def _guided_denoise(self, st: _State, guide: Guide) -> torch.Tensor:
+        """Real-time chunking: the Euler loop with each velocity corrected by a vector-Jacobian product
+        through the (compiled, differentiable) expert step; not graph-captured (autograd runs)."""
+        m = self.model
+        layer = self._expert_fn(st.prefix_len, functional=True)
+        weights = self.weights["expert"]
+        x = st.noise.clone()
+        for step, t in enumerate(self.times):
+            mods, final = self.mods[step], self.final_mods[step]
+
+            def velocity(z, mods=mods, final=final):
+                h = m.action_in_proj(z).to(self.dtype)
+                h = layer(h, mods, st.cos, st.sin, st.bias, st.k, st.v, weights)
+                return self._fn["out"](h, final, m.action_out_proj.weight, m.action_out_proj.bias)
+
+            x = x + self.dt * guided_velocity(velocity, x, t, guide.target, guide.weights, guide.beta)
+        return x
+
+    @_on_device
     def _capture(self, shape: _Shape, st: _State) -> None:
         """Compile and warm up on a side stream, then capture each stage as a CUDA graph."""
         stages = [(name, getattr(self, "_" + name)) for name in STAGES]
@@ -387,28 +453,33 @@ class CompiledSampler:
         b = shape.batch
         for j, slot in enumerate(shape.slots):
             st.pixels[j * b:(j + 1) * b].copy_(images[slot], non_blocking=True)
-            st.slot_mask[j].copy_(image_masks[slot], non_blocking=True)
+            st.slot_mask[j].copy_(torch.as_tensor(image_masks[slot]), non_blocking=True)
         p = shape.prompt
         st.tokens.copy_(tokens[:, :p], non_blocking=True)
-        st.token_mask.copy_(token_masks[:, :p], non_blocking=True)
+        st.token_mask.copy_(torch.as_tensor(token_masks)[:, :p], non_blocking=True)
         if noise is None:
             st.noise.zero_()
         else:
             st.noise.copy_(noise, non_blocking=True)
 
+    @_on_device
     def _run(self, name: str, shape: _Shape, st: _State) -> None:
         if self.cuda_graphs:
             st.graphs[name].replay()
         else:
-            getattr(self, "_" + name)(shape, st)
+            self._run_kernels(name, shape, st)
 
+    @_on_device
+    @torch.no_grad()
+    def _run_kernels(self, name: str, shape: _Shape, st: _State) -> None:
+        """A stage's code itself, kernel by kernel (no graph replay)."""
+        getattr(self, "_" + name)(shape, st)
+
+    @_on_device
     @torch.no_grad()
     def prepare(self, batch_size: int, slots=(0, 1), prompt_tokens: int = 32) -> None:
         """Compile and capture ahead of the first call (e.g. at load time) for a batch size."""
-        masks = [torch.full((batch_size,), i in slots) for i in range(3)]
-        tmask = torch.zeros(batch_size, self.cfg.max_token_len, dtype=torch.bool)
-        tmask[:, :prompt_tokens] = True
-        self._state(self.shape_for(masks, tmask))
+        self._state(_Shape(int(batch_size), tuple(sorted(slots)), self.bucket(prompt_tokens)))
 
     def _prepare(self, images, image_masks, tokens, token_masks, noise) -> tuple[_Shape, _State]:
         """The state for these inputs' shape (captured on first use), with the inputs copied in."""
@@ -418,6 +489,7 @@ class CompiledSampler:
         self._load_inputs(shape, st, images, image_masks, tokens, token_masks, noise)
         return shape, st
 
+    @_on_device
     @torch.no_grad()
     def encode(self, images, image_masks, tokens, token_masks):
         """Vision + prefix into the static cache; returns the handle `denoise` takes."""
@@ -426,23 +498,34 @@ class CompiledSampler:
         self._run("prefix", shape, st)
         return shape, st
 
+    @_on_device
     @torch.no_grad()
-    def denoise(self, handle, noise: torch.Tensor) -> torch.Tensor:
+    def denoise(self, handle, noise: torch.Tensor, guide: Guide | None = None) -> torch.Tensor:
         shape, st = handle
         st.noise.copy_(noise, non_blocking=True)
+        if guide is not None and guide.active:
+            return self._guided_denoise(st, guide)
         self._run("denoise", shape, st)
         return st.actions.clone()
 
-    def stages(self, images, image_masks, tokens, token_masks, noise) -> dict:
-        """Callables that each run one stage alone on prepared inputs (for the benchmark)."""
+    @_on_device
+    def stages(self, images, image_masks, tokens, token_masks, noise, *, graphs: bool = True) -> dict:
+        """Callables that each run one stage alone on prepared inputs (for the benchmark); with
+        `graphs=False` the stage's kernels run one by one (no CUDA graph), e.g. for a profiler."""
         shape, st = self._prepare(images, image_masks, tokens, token_masks, noise)
+        run = self._run if graphs else self._run_kernels
         for name in STAGES:
-            self._run(name, shape, st)
-        return {name: functools.partial(self._run, name, shape, st) for name in STAGES}
+            run(name, shape, st)
+        return {name: functools.partial(run, name, shape, st) for name in STAGES}
 
+    @_on_device
     @torch.no_grad()
-    def __call__(self, images, image_masks, tokens, token_masks, noise) -> torch.Tensor:
+    def __call__(self, images, image_masks, tokens, token_masks, noise, guide: Guide | None = None) -> torch.Tensor:
         shape, st = self._prepare(images, image_masks, tokens, token_masks, noise)
+        if guide is not None and guide.active:  # real-time chunking: vision and prefix as usual, then guided
+            self._run("vision", shape, st)
+            self._run("prefix", shape, st)
+            return self._guided_denoise(st, guide)
         for name in STAGES:
             self._run(name, shape, st)
         return st.actions.clone()

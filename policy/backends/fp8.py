@@ -10,8 +10,16 @@ that product's input, calibrated by running the backend's own (bf16) computation
 inputs, so the statistics are those of the fused, norm-folded matrices actually quantized. The
 calibrator is nvidia-modelopt's MaxCalibrator when modelopt is installed (the `fp8` extra), else
 the same statistic (running max of |x|) computed here. Default calibration inputs: a LIBERO frame
-pair (libero_spatial task 0, shipped in calibration/) with a LIBERO-length prompt; pass your own
-batches with `calibration=[(images, image_masks, tokens, token_masks), ...]`.
+pair and that task's instruction (libero_spatial task 0, shipped in calibration/), the instruction
+tokenized with the PaliGemma tokenizer when one is found (`tokenizer=PATH`, else openpi's cache
+path), else random ids of the same length; pass your own batches with
+`calibration=[(images, image_masks, tokens, token_masks), ...]`.
+
+Which matrices: FP8_MATRICES names them per layer kind (fields of policy/backends/fused.py's
+NamedTuples); each becomes an `Fp8Matrix` in the sampler's weights.
+
+With `expert_kernels="triton"` the expert MLP's FP8 weights go through the fused expert kernels
+(policy/backends/expert_triton.py): dequantized in registers, bf16 activations (weight-only FP8).
 
 `emulate=True` dequantizes instead of calling `_scaled_mm`, so the quantization itself can be
 checked on a CPU; it is not fast.
@@ -21,24 +29,34 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policy.backends.compiled import CompiledSampler, fused_weights
+from policy.backends.compiled import CompiledSampler
+from policy.pi05.examples import example_inputs
 from policy.pi05.model import Pi05Model
 
 log = logging.getLogger(__name__)
 
 E4M3_MAX = 448.0
-# (layer kind, index in that kind's weight list) of the matrices that go FP8; see fused_weights.
+# Per layer kind, the matrices (fields of VisionWeights / PrefixWeights / ExpertWeights) that go FP8.
 FP8_MATRICES = {
-    "vision": (0, 2, 4, 6),  # qkv, out, fc1, fc2
-    "prefix": (0, 1, 2, 3),  # qkv, o, gate|up, down
-    "expert": (2, 3),  # gate|up, down
+    "vision": ("qkv_w", "o_w", "fc1_w", "fc2_w"),
+    "prefix": ("qkv", "o", "gate_up", "down"),
+    "expert": ("gate_up", "down"),  # the expert's largest weights; its attention stays bf16
 }
 CALIBRATION_DIR = Path(__file__).parent / "calibration"
+
+
+class Fp8Matrix(NamedTuple):
+    """A weight matrix as the FP8 products take it."""
+
+    w8: torch.Tensor  # (N, K) float8_e4m3fn
+    w_scale: torch.Tensor  # () fp32: W ~ w8 * w_scale
+    x_scale: torch.Tensor  # () fp32: the calibrated scale of this product's input
 
 
 class _Max:
@@ -84,7 +102,7 @@ def quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x, w, bias=None):
-    """F.linear, or an FP8 product when `w` is (w8 (N, K) e4m3, w_scale, x_scale)."""
+    """F.linear, or an FP8 product when `w` is an Fp8Matrix."""
     if not isinstance(w, tuple):
         return F.linear(x, w, bias)
     w8, w_scale, x_scale = w
@@ -109,26 +127,38 @@ def fp8_linear_emulated(x, w, bias=None):
     return out.to(x.dtype)
 
 
-def default_calibration(model: Pi05Model, prompt_tokens: int = 24, seed: int = 0):
-    """The shipped LIBERO frame pair with random prompt ids of a LIBERO-like length."""
+def calibration_prompt_ids(cfg, tokenizer=None) -> list[int] | None:
+    """The shipped instruction (calibration/prompt.txt) as PaliGemma token ids, or None when no
+    tokenizer file is found (`tokenizer`: a path or a PaligemmaTokenizer; default openpi's cache path)."""
+    from policy.pi05.tokenizer import PaligemmaTokenizer, default_tokenizer_path
+
+    if not isinstance(tokenizer, PaligemmaTokenizer):
+        path = tokenizer if tokenizer is not None else default_tokenizer_path()
+        if not Path(path).expanduser().is_file():
+            return None
+        tokenizer = PaligemmaTokenizer(path, max_len=cfg.max_token_len)
+    return tokenizer.ids((CALIBRATION_DIR / "prompt.txt").read_text())
+
+
+def default_calibration(model: Pi05Model, tokenizer=None, prompt_tokens: int = 24, seed: int = 0):
+    """The shipped LIBERO frame pair and instruction (random ids of a LIBERO-like length when no
+    tokenizer is found), as one calibration batch."""
     from PIL import Image
 
     cfg, dev = model.config, model.llm.embed_tokens.weight.device
     frames = []
     for name in ("agentview.png", "wrist.png"):
         img = np.asarray(Image.open(CALIBRATION_DIR / name).convert("RGB").resize((cfg.image_size, cfg.image_size)))
-        frames.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float()[None] / 255 * 2 - 1)
-    images = [frames[0].to(dev), frames[1].to(dev), torch.full_like(frames[0], -1.0).to(dev)]
-    masks = [torch.tensor([True], device=dev), torch.tensor([True], device=dev), torch.tensor([False], device=dev)]
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(1, cfg.max_token_len, dtype=torch.long)
-    tokens[0, :prompt_tokens] = torch.randint(3, cfg.vocab_size, (prompt_tokens,), generator=g)
-    tokens[0, 0] = 2
-    return [(images, masks, tokens.to(dev), (tokens != 0).to(dev))]
+        frames.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float() / 255 * 2 - 1)  # (3, H, W)
+    ids = calibration_prompt_ids(cfg, tokenizer)
+    if ids is None:
+        log.info("fp8: no PaliGemma tokenizer found; calibrating with random prompt ids of %d tokens", prompt_tokens)
+    inputs = example_inputs(cfg, 1, prompt_tokens, dev, seed, images=frames, prompt_ids=ids)
+    return [tuple(inputs[:4])]
 
 
 def calibrate(model: Pi05Model, num_steps: int, batches, calibrator: str = "auto") -> tuple[dict, str]:
-    """amax of the input of every FP8 matrix, keyed (kind, layer, index), from the bf16 computation."""
+    """amax of the input of every FP8 matrix, keyed (kind, layer, name), from the bf16 computation."""
     make, used = _calibrator_factory(calibrator)
     probes: dict[int, object] = {}
 
@@ -136,18 +166,18 @@ def calibrate(model: Pi05Model, num_steps: int, batches, calibrator: str = "auto
         probes.setdefault(w.data_ptr(), make()).collect(x)
         return F.linear(x, w, bias)
 
-    ref = CompiledSampler(model, num_steps=num_steps, compile=False, cuda_graphs=False, linear=recording_linear)
+    ref = CompiledSampler(model, num_steps=num_steps, torch_compile=False, cuda_graphs=False, linear=recording_linear)
     for images, masks, tokens, token_masks in batches:
         noise = torch.randn(tokens.shape[0], model.config.chunk_size, model.config.action_dim, device=tokens.device)
         ref(images, masks, tokens, token_masks, noise)
     amax = {}
-    for kind, idx in FP8_MATRICES.items():
+    for kind, names in FP8_MATRICES.items():
         for i, ws in enumerate(ref.weights[kind]):
-            for j in idx:
-                probe = probes.get(ws[j].data_ptr())
+            for name in names:
+                probe = probes.get(getattr(ws, name).data_ptr())
                 if probe is None:  # never used (the last prefix layer only makes K/V): stays as it is
                     continue
-                amax[(kind, i, j)] = probe.compute_amax().float().reshape(())
+                amax[(kind, i, name)] = probe.compute_amax().float().reshape(())
     return amax, used
 
 
@@ -157,28 +187,28 @@ class Fp8Sampler(CompiledSampler):
     name = "fp8"
 
     def __init__(self, model: Pi05Model, num_steps: int = 10, calibration=None, calibrator: str = "auto",
-                 emulate: bool = False, **options):
+                 emulate: bool = False, tokenizer=None, **options):
         device = model.llm.embed_tokens.weight.device
         if not emulate:
             ok, why = fp8_supported(device)
             if not ok:
                 raise RuntimeError(f"backend 'fp8' cannot run here: {why}. Use backend=compile (bf16) instead.")
-        batches = calibration if calibration is not None else default_calibration(model)
+        batches = calibration if calibration is not None else default_calibration(model, tokenizer)
         self.amax, self.calibrator = calibrate(model, num_steps, batches, calibrator)
         log.info("fp8: calibrated %d activation scales with the %s calibrator", len(self.amax), self.calibrator)
         if emulate:
-            options.setdefault("compile", False)
+            options.setdefault("torch_compile", False)
             options.setdefault("cuda_graphs", False)
         super().__init__(model, num_steps=num_steps, linear=fp8_linear_emulated if emulate else fp8_linear, **options)
 
     def prepare_weights(self, weights: dict[str, list]) -> dict[str, list]:
-        out = {kind: [list(ws) for ws in layers] for kind, layers in weights.items()}
-        for (kind, i, j), amax in self.amax.items():
-            w = out[kind][i][j]
+        out = {kind: list(layers) for kind, layers in weights.items()}
+        for (kind, i, name), amax in self.amax.items():
+            w = getattr(out[kind][i], name)
             w_scale = (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-12).reshape(())
             x_scale = (amax.to(w.device) / E4M3_MAX).clamp(min=1e-12).reshape(())
-            out[kind][i][j] = (quantize(w, w_scale).contiguous(), w_scale, x_scale)
+            out[kind][i] = out[kind][i]._replace(**{name: Fp8Matrix(quantize(w, w_scale).contiguous(), w_scale, x_scale)})
         return out
 
 
-__all__ = ["Fp8Sampler", "calibrate", "fp8_linear", "fused_weights"]
+__all__ = ["FP8_MATRICES", "Fp8Matrix", "Fp8Sampler", "calibrate", "default_calibration", "fp8_linear"]

@@ -11,6 +11,8 @@ the stage modules (checked against eager on the CPU) and the missing-package err
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -66,6 +68,7 @@ class TensorRTSampler(CompiledSampler):
     """Vision and prefix through TensorRT engines built per shape; the rest as `compile`."""
 
     name = "tensorrt"
+    supports_rtc = False  # not tested where TensorRT cannot be installed
 
     def __init__(self, model: Pi05Model, num_steps: int = 10, precision: str = "fp16", **options):
         self.trt = _import_torch_tensorrt()
@@ -80,6 +83,8 @@ class TensorRTSampler(CompiledSampler):
             import modelopt.torch.quantization as mtq
             from modelopt.torch.quantization.utils import export_torch_mode
 
+            # ModelOpt inserts quantizers in place: quantize a copy, never the model the other stages share
+            module = copy.deepcopy(module)
             mtq.quantize(module, mtq.FP8_DEFAULT_CFG, forward_loop=lambda m: m(*example))
             with export_torch_mode():
                 return self.trt.compile(module, ir="dynamo", inputs=list(example),

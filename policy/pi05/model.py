@@ -44,6 +44,9 @@ class PrefixCache:
     v: list[torch.Tensor]  # per layer (B, 1, L, head_dim)
     valid: torch.Tensor  # (B, L) bool
     n_valid: torch.Tensor  # (B,) int64: the suffix's first position
+    # (B, L + chunk) bool: which keys the action tokens attend to ([prefix ; themselves]), or None when
+    # every key is valid. Decided once per prefix so the denoise loop never reads a tensor on the host.
+    suffix_key_valid: torch.Tensor | None
 
 
 def euler_times(num_steps: int) -> tuple[list[float], float]:
@@ -141,7 +144,11 @@ class Pi05Model(nn.Module):
             ks.append(k)
             vs.append(v)
         n_valid = prefix.valid.sum(dim=1)
-        return PrefixCache(ks, vs, prefix.valid, n_valid)
+        suffix_key_valid = None
+        if key_valid is not None:
+            b = prefix.valid.shape[0]
+            suffix_key_valid = torch.cat([prefix.valid, prefix.valid.new_ones(b, cfg.chunk_size)], dim=1)
+        return PrefixCache(ks, vs, prefix.valid, n_valid, suffix_key_valid)
 
     # ----- suffix -----------------------------------------------------------------------------------
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
@@ -167,9 +174,9 @@ class Pi05Model(nn.Module):
         cond = self.time_conditioning(t)
         positions = cache.n_valid[:, None] + torch.arange(h, device=x.device)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-        key_valid = None
-        if not bool(cache.valid.all()):
-            key_valid = torch.cat([cache.valid, cache.valid.new_ones(b, h)], dim=1)
+        key_valid = cache.suffix_key_valid
+        if key_valid is not None and key_valid.shape[1] != cache.valid.shape[1] + h:
+            raise ValueError(f"x_t has {h} action tokens; the cache was made for {key_valid.shape[1] - cache.valid.shape[1]}")
         for layer, pk, pv in zip(self.expert.layers, cache.k, cache.v):
             x = layer(x, cond, cos, sin, pk, pv, key_valid)
         scale, shift, _ = self.expert.norm.modulation(cond)
