@@ -138,6 +138,7 @@ class LiberoEnv(gym.Env):
         self.episode_seed = self.default_seed  # the seed of the current episode (reset's, else default)
         self._step = 0
         self._raw: dict[str, np.ndarray] | None = None
+        self._tracer = None  # envs/trace.py Tracer of the current task's simulator, built on first use
         self._reset_hooks: list[Callable[[LiberoEnv], bool]] = []
 
     # ----- task switching -------------------------------------------------------------------------
@@ -325,6 +326,16 @@ class LiberoEnv(gym.Env):
         from envs.privileged import read_privileged_state
 
         return read_privileged_state(self._sim.env, self._raw)
+
+    def trace_point(self) -> dict[str, Any]:
+        """One point of the episode's privileged trace (failure triage; contents in envs/trace.py)."""
+        from envs.trace import Tracer
+
+        if self._raw is None:
+            raise RuntimeError("call reset() before trace_point()")
+        if self._tracer is None or self._tracer.sim is not self._sim.env.sim:  # robosuite may rebuild its sim on reset
+            self._tracer = Tracer(self._sim.env)
+        return self._tracer.point(self._raw, self._step)
 
     def set_object_pose(self, name: str, pos, quat_wxyz=None) -> None:
         """Teleport a free object (debugging and tests): write its free joint, then recompute the scene."""

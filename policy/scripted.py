@@ -15,10 +15,17 @@ approach above the grasp point, descend, close, lift, carry above the target, lo
 retreat. Bowls are taken by the rim (they are wider than the gripper opens), other objects from the
 top at their centre. Each query returns a chunk of `chunk_size` OSC_POSE deltas like Pi0.5's, so
 the runner's replanning and ensembling are exercised.
+
+`action_noise` (default 0) adds Gaussian noise of that standard deviation (in action units: 1 is
+robosuite's 5 cm / 0.5 rad per-step limit) to the translation and rotation actions, clipped to
+[-1, 1]; the gripper command is left alone. It is seeded per episode (suite, task, init state,
+seed), so a noisy run is as reproducible as a clean one. It makes a competent policy fail in
+realistic ways, which is what failure triage (runners/triage.py) is tested on.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,17 +117,22 @@ class Memory:
     moved: float = 1.0  # how far the eef moved since the previous query
     last: np.ndarray | None = None
     log: list = field(default_factory=list)  # (step, phase) history, for debugging
+    noise: np.random.Generator | None = None  # the episode's action-noise stream (action_noise > 0)
 
 
 class ScriptedPolicy:
     """See the module docstring. `gain`: how hard position errors are corrected (action per metre,
-    in units of the 5 cm step limit); `speed`: the largest translation action used."""
+    in units of the 5 cm step limit); `speed`: the largest translation action used; `action_noise`:
+    std of the Gaussian noise on the translation/rotation actions (0: none)."""
 
     needs_privileged = True
     needs_images = False  # it reads the privileged state: cameras are rendered only for videos
 
     def __init__(self, chunk_size: int = 10, gain: float = 1.5, damping: float = 4.0, speed: float = 1.0,
-                 rim_margin: float = 0.012):
+                 rim_margin: float = 0.012, action_noise: float = 0.0):
+        if action_noise < 0:
+            raise ValueError(f"action_noise is a standard deviation and must be >= 0, got {action_noise}")
+        self.action_noise = float(action_noise)
         self.chunk_size = int(chunk_size)
         self.gain, self.damping, self.speed, self.rim_margin = float(gain), float(damping), float(speed), float(rim_margin)
         self._memory: dict[Any, Memory] = {}
@@ -370,4 +382,19 @@ class ScriptedPolicy:
                 actions[i] = self.plan(batch["privileged"][i], mem, int(steps[i]))
             except Unsupported as exc:
                 errors[i] = f"unsupported by the scripted expert: {exc}"
+                continue
+            if self.action_noise > 0:
+                if mem.noise is None:
+                    mem.noise = np.random.default_rng(_episode_seed(episodes[i]))
+                noisy = actions[i, :, :6] + mem.noise.normal(0.0, self.action_noise, (self.chunk_size, 6))
+                actions[i, :, :6] = np.clip(noisy, -1.0, 1.0)
         return {"actions": actions, "errors": errors}
+
+
+def _episode_seed(episode) -> list[int]:
+    """A noise seed from the episode's (suite, task, init state, seed); the runner appends its own
+    slot id to the key, which must not change the noise."""
+    if not episode:
+        return [0]
+    suite, *ids = episode[:4]
+    return [zlib.crc32(str(suite).encode()), *(int(x) for x in ids)]

@@ -1,9 +1,11 @@
-"""Collect a sweep's jobs into sweep.csv, sweep.md and sweep.png.
+"""Collect a sweep's jobs into sweep.csv, sweep.md, sweep.json and sweep.png.
 
 One row per job (an evaluation directory with a summary.json): its config (policy, suite, steps,
 backend, replan, chunking), success rate with its Wilson 95% CI, episodes, errors and policy-call
 latency p50/p95. The plot shows success (with CI bars) and latency against denoising steps, one line
-per (policy, suite, backend, replan, chunking).
+per (policy, suite, backend, replan, chunking). sweep.md and sweep.json add the paired comparisons
+of every two jobs that differ in one setting (runners/compare.py); sweep.json also holds each job's
+failure tags (runners/triage.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from runners.rundir import find_runs, policy_label, read_summary, upgrade_summary
+from runners.compare import markdown_table as paired_markdown
+from runners.compare import sweep_comparisons
+from runners.rundir import find_runs, policy_label, read_summary, upgrade_summary, write_json
 
 COLUMNS = ["job", "policy", "suite", "steps", "backend", "replan", "chunking", "success_rate", "ci95_low",
            "ci95_high", "episodes", "errors", "latency_p50_ms", "latency_p95_ms"]
@@ -44,6 +48,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "errors": total["errors"],
             "latency_p50_ms": total["latency_p50_ms"],
             "latency_p95_ms": total["latency_p95_ms"],
+            "failures": total.get("failures", {}),
         })
     rows.sort(key=lambda r: tuple(str(r[k]) for k in SERIES) + (float(r["steps"] or 0),))
     return rows
@@ -57,7 +62,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
-def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+def write_markdown(rows: list[dict[str, Any]], path: Path, comparisons: list[dict[str, Any]] | None = None) -> None:
     head = "| job | policy | suite | steps | backend | replan | chunking | success % (95% CI) | episodes | errors | p50 ms | p95 ms |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -65,7 +70,10 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         lines.append(f"| {r['job']} | {r['policy']} | {r['suite']} | {r['steps']} | {r['backend']} | {r['replan']} | "
                      f"{r['chunking']} | {succ} | {r['episodes']} | {r['errors']} | {_fmt(r['latency_p50_ms'])} | "
                      f"{_fmt(r['latency_p95_ms'])} |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = "\n".join(lines) + "\n"
+    if comparisons is not None:
+        text += "\n## Paired comparisons\n\n" + paired_markdown(comparisons)
+    path.write_text(text, encoding="utf-8")
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -114,10 +122,12 @@ def write_aggregate(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = collect(root)
     if not rows:
         raise FileNotFoundError(f"no job summaries (*/summary.json) under {root}: is this a sweep directory?")
+    comparisons = sweep_comparisons(root)
     with open(root / "sweep.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    write_markdown(rows, root / "sweep.md")
+    write_markdown(rows, root / "sweep.md", comparisons)
+    write_json(root / "sweep.json", {"jobs": rows, "paired_comparisons": comparisons})
     write_plot(rows, root / "sweep.png")
     return rows

@@ -31,29 +31,17 @@ from runners.pool import EnvPool, Episode, render_environ
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
+from runners.rundir import NOT_HASHED, REMOTE_NOT_HASHED  # noqa: F401  (moved to runners/rundir.py)
 from runners.rundir import (CONFIG_FILE, PROVENANCE_FILE, SUMMARY_FILE, SUMMARY_MD, ResultsLog, append_line,
-                            policy_label, summarize, write_json)
-from runners.tables import markdown_table, text_table
+                            policy_label, result_settings, summarize, write_json)
+from runners.tables import failure_markdown, markdown_table, text_table
 from videos.recorder import VideoRecorder
 
-# Settings that choose which episodes run, or how fast, but not what an episode's result is:
-# they stay out of the config hash so a run can be resumed or extended with other values.
-# (conf/sweep.yaml's exclude_keys keeps most of them out of job directory names too.)
-NOT_HASHED = ("out", "tasks", "episodes", "init_states", "seeds", "num_envs", "vectorization", "videos", "video_fps",
-              "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
-              "serial_episodes", "reproduce")
-# A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
-REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
-
-
 def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
-    """Hash of everything that decides an episode's result: the config (minus NOT_HASHED) and the
-    policy's identity (runners/build.py policy_identity: a checkpoint's content, a server's model)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_HASHED:
-        data.pop(key, None)
-    if isinstance(data.get("policy"), dict):
-        data["policy"] = {k: v for k, v in data["policy"].items() if k not in REMOTE_NOT_HASHED}
+    """Hash of everything that decides an episode's result: the config (minus runners.rundir's
+    NOT_HASHED and REMOTE_NOT_HASHED) and the policy's identity (runners/build.py policy_identity: a
+    checkpoint's content, a server's model)."""
+    data = result_settings(OmegaConf.to_container(cfg, resolve=True))
     if identity is not None:
         data["policy_identity"] = identity
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -276,8 +264,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         **summarize([results.records[e.key] for e in episodes if e.key in results.records]),
     }
     write_json(out / SUMMARY_FILE, summary)
-    (out / SUMMARY_MD).write_text(markdown_table(summary), encoding="utf-8")
+    tags = failure_markdown(summary)
+    (out / SUMMARY_MD).write_text(markdown_table(summary) + (f"\n## Failure tags\n\n{tags}" if tags else ""),
+                                  encoding="utf-8")
     print(text_table(summary))
+    if summary["total"]["failures"]:
+        print("\nepisodes by tag: " + ", ".join(f"{t} {n}" for t, n in summary["total"]["failures"].items()))
     page = write_review(out)
     videos = f"\nVideos: {out / 'videos'}" if (out / "videos").is_dir() else ""
     print(f"\nResults: {out / 'results.jsonl'}\nSummary: {out / SUMMARY_FILE}{videos}\nReview page: {page}")

@@ -34,6 +34,7 @@ from policy.base import check_actions
 from runners.chunking import ChunkExecutor, delay_steps
 from runners.pool import EnvPool, Episode, Reply
 from runners.rundir import ResultsLog, latency_stats
+from runners.triage import Trace
 from videos.recorder import EpisodeVideo, VideoRecorder
 
 MAX_CONSECUTIVE_POLICY_FAILURES = 3
@@ -91,6 +92,7 @@ class Slot:
     request_step: int = 0  # the step of the request in flight
     requested_now: bool = False  # a request was sent at the current step (the video marks it)
     failed: str = ""  # its request failed while its step was in flight: ends as an error on the reply
+    trace: Trace = field(default_factory=Trace)  # privileged trace points for failure triage (runners/triage.py)
 
 
 @dataclass
@@ -157,6 +159,7 @@ class EvaluationLoop:
             self._end(r.slot, "error", steps=0, error=r.info["error"])
             return
         slot.obs, slot.privileged = r.obs, r.privileged
+        slot.trace.add(r.trace)
         if self._recording():
             slot.video = self.recorder.start(ep.suite, ep.task_id, ep.init_state_id, ep.seed, slot.task,
                                              self.s.max_steps, self.s.view)
@@ -165,6 +168,8 @@ class EvaluationLoop:
         slot = self.slots.pop(i)
         video = self.recorder.finish(slot.video, outcome) if self.recorder is not None else None
         rec = self._record(slot, outcome, steps, error, video)
+        rec["failure"] = slot.trace.classify(outcome)
+        self.results.append_trace(slot.trace.finish(rec, rec["failure"]))  # before the result line
         if slot.video is not None and slot.video.is_alive():
             self._pending.append((rec, slot.video))  # written once its video is on disk
         else:
@@ -311,7 +316,8 @@ class EvaluationLoop:
         request_next = t >= slot.executor.next_request
         render = ((request_next and self.needs_images) or (slot.video is not None and t % self.s.video_stride == 0)
                   or self.s.render == "every_step")
-        self.pool.send_step(i, action, render=render, privileged=request_next and self.needs_privileged)
+        self.pool.send_step(i, action, render=render, privileged=request_next and self.needs_privileged,
+                            trace=request_next)  # a replan reads the next observation: trace it
 
     def _run(self, episodes: list[Episode]) -> None:
         todo = deque(episodes)
@@ -374,6 +380,7 @@ class EvaluationLoop:
         slot.obs = r.obs  # images only when this step was rendered: a stale frame is never reused
         if r.privileged is not None:
             slot.privileged = r.privileged
+        slot.trace.add(r.trace)  # before a replan and at the episode's end
         if r.terminated or r.truncated:
             if slot.video is not None and "image" in r.obs:
                 slot.video.add(r.obs["image"], r.obs["wrist_image"], steps, False)

@@ -7,10 +7,12 @@ LIBERO reset rebuilds the MuJoCo model: about a second) never holds up the slots
 and the workers keep stepping while the runner's main thread runs the policy.
 
 A command may ask for more than the observation: `render` (render the cameras for the observation
-this command returns; LiberoEnv.set_rendering) and `privileged` (the env's privileged state, for
-scripted policies, in the same round trip). Simulator exceptions come back as an `error` entry, so
-one crashing episode does not take the pool down. `vectorization="sync"` runs the same slots
-in-process, one command at a time (for debugging, and for tests that inspect the envs).
+this command returns; LiberoEnv.set_rendering), `privileged` (the env's privileged state, for
+scripted policies, in the same round trip) and `trace` (a trace point for failure triage,
+LiberoEnv.trace_point; starts and episode ends always carry one). Simulator exceptions come back
+as an `error` entry, so one crashing episode does not take the pool down. `vectorization="sync"`
+runs the same slots in-process, one command at a time (for debugging, and for tests that inspect
+the envs).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Reply:
     truncated: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # the env's info; "error" is "" or the exception text
     privileged: dict[str, Any] | None = None
+    trace: dict[str, Any] | None = None  # envs/trace.py point: at a start, before a replan, at the episode's end
     seconds: float = 0.0  # time the worker spent on the command (physics + rendering + observation)
     render_seconds: float = 0.0  # ... of which rendering the cameras and preparing the images
 
@@ -88,25 +91,32 @@ class SlotEnv:
         reply.render_seconds = getattr(self.base, "render_seconds", 0.0) - r0
         return reply
 
+    def _trace(self) -> dict[str, Any] | None:
+        try:
+            return self.base.trace_point()
+        except Exception:  # an env without one (a test double); triage copes with missing points
+            return None
+
     def start(self, slot: int, ep: Episode, render: bool, privileged: bool) -> Reply:
         t0, r0 = time.perf_counter(), getattr(self.base, "render_seconds", 0.0)
         try:
             self.base.set_rendering(render)
             obs, info = self.env.reset(seed=ep.seed, options={"task_id": ep.task_id, "init_state_id": ep.init_state_id})
             reply = Reply(slot, "start", self._obs(obs, info), info={**info, "error": ""},
-                          privileged=self.base.privileged_state() if privileged else None)
+                          privileged=self.base.privileged_state() if privileged else None, trace=self._trace())
         except Exception as exc:  # the simulator failed: report it, keep the worker alive
             reply = Reply(slot, "start", info={"task": "", "task_id": ep.task_id, "init_state_id": ep.init_state_id,
                                                "step": 0, "error": _error_text(exc)})
         return self._timed(reply, t0, r0)
 
-    def step(self, slot: int, action: np.ndarray, render: bool, privileged: bool) -> Reply:
+    def step(self, slot: int, action: np.ndarray, render: bool, privileged: bool, trace: bool = False) -> Reply:
         t0, r0 = time.perf_counter(), getattr(self.base, "render_seconds", 0.0)
         try:
             self.base.set_rendering(render)
             obs, _, terminated, truncated, info = self.env.step(action)
             reply = Reply(slot, "step", self._obs(obs, info), bool(terminated), bool(truncated), {**info, "error": ""},
-                          privileged=self.base.privileged_state() if privileged else None)
+                          privileged=self.base.privileged_state() if privileged else None,
+                          trace=self._trace() if trace or terminated or truncated else None)
         except Exception as exc:
             reply = Reply(slot, "step", truncated=True, info={"step": getattr(self.base, "_step", 0),
                                                                "error": _error_text(exc)})
@@ -222,8 +232,9 @@ class EnvPool:
     def send_start(self, slot: int, episode: Episode, render: bool = True, privileged: bool = False) -> None:
         self._send(slot, "start", (episode, bool(render), bool(privileged)))
 
-    def send_step(self, slot: int, action: np.ndarray, render: bool = True, privileged: bool = False) -> None:
-        self._send(slot, "step", (np.asarray(action, dtype=np.float32), bool(render), bool(privileged)))
+    def send_step(self, slot: int, action: np.ndarray, render: bool = True, privileged: bool = False,
+                  trace: bool = False) -> None:
+        self._send(slot, "step", (np.asarray(action, dtype=np.float32), bool(render), bool(privileged), bool(trace)))
 
     def collect(self, wait_for: set[int] | None = None, timeout: float | None = 0.0) -> list[Reply]:
         """The replies that have arrived. Blocks until every slot in `wait_for` has answered (or, with

@@ -8,11 +8,13 @@ An evaluation's directory holds
     summary.json     per task and suite: success with Wilson 95% CIs, errors, env steps, latency; the
                      resolved config, its hash, the policy's label and identity, provenance
     summary.md       the per-task table (runners/tables.py renders it)
+    traces.jsonl     one JSON line per finished episode, written (like results.jsonl) just before its result
+                     line: the privileged trace runners/triage.py classified the failure from
     provenance.jsonl one line per (re)start of the run: commit, versions, host, time
     config.yaml      the resolved config of the latest start
     videos/, review.html
 
-A sweep's directory holds one such directory per job plus sweep.csv/.md/.png (runners/aggregate.py).
+A sweep's directory holds one such directory per job plus sweep.csv/.md/.png/.json (runners/aggregate.py).
 Everything that reads these files (aggregate, review, compare, reproduce) goes through this module.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +31,7 @@ import numpy as np
 from runners.stats import wilson_interval
 
 RESULTS_FILE = "results.jsonl"
+TRACES_FILE = "traces.jsonl"
 SUMMARY_FILE = "summary.json"
 SUMMARY_MD = "summary.md"
 PROVENANCE_FILE = "provenance.jsonl"
@@ -36,6 +39,24 @@ CONFIG_FILE = "config.yaml"
 
 # Fields renamed since the first results format; files written before keep working.
 _RENAMED = {"steps": "env_steps"}
+
+# Settings that choose which episodes run, or how fast, but not what an episode's result is: they stay
+# out of the config hash (so a run can be resumed or extended with other values) and are not counted as
+# differences when two runs are compared (conf/sweep.yaml's exclude_keys keeps most of them out of job
+# directory names too).
+NOT_HASHED = ("out", "tasks", "episodes", "init_states", "seeds", "num_envs", "vectorization", "videos", "video_fps",
+              "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
+              "serial_episodes", "reproduce")
+# A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
+REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
+
+
+def result_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (a plain dict, as in summary.json) that decides episode results."""
+    data = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if isinstance(data.get("policy"), dict):
+        data["policy"] = {k: v for k, v in data["policy"].items() if k not in REMOTE_NOT_HASHED}
+    return data
 
 
 def episode_key(rec: dict[str, Any]) -> tuple[str, int, int, int]:
@@ -73,6 +94,23 @@ def read_records(path: str | os.PathLike) -> tuple[dict[tuple, dict[str, Any]], 
     return records, torn
 
 
+def read_traces(run_dir: str | os.PathLike) -> dict[tuple, dict[str, Any]]:
+    """Every episode's newest line of a run directory's traces.jsonl ({} when there is none; torn lines
+    are skipped as in `read_records`)."""
+    path = Path(run_dir) / TRACES_FILE
+    traces: dict[tuple, dict[str, Any]] = {}
+    if not path.is_file():
+        return traces
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                traces[episode_key(rec)] = rec
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return traces
+
+
 class ResultsLog:
     """Append-only episode log for one evaluation (one config) in one directory."""
 
@@ -98,6 +136,11 @@ class ResultsLog:
         rec = {**rec, "config_hash": self.config_hash}
         append_line(self.path, rec)
         self.records[episode_key(rec)] = rec
+
+    def append_trace(self, line: dict[str, Any]) -> None:
+        """One episode's trace line (episode key fields, `failure`, `points`) to traces.jsonl; written
+        before the episode's result line, so a result never lacks its trace (a re-run's newer line wins)."""
+        append_line(self.path.parent / TRACES_FILE, {**line, "config_hash": self.config_hash})
 
 
 def append_line(path: Path, rec: dict[str, Any]) -> None:
@@ -166,8 +209,15 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def failure_counts(recs: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """How many episodes carry each `failure` tag (runners/triage.py), most frequent first; episodes
+    written before tags existed are not counted."""
+    counts = Counter(r["failure"] for r in recs if r.get("failure"))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Success with its Wilson 95% CI (errors excluded), errors, mean env steps, latency."""
+    """Success with its Wilson 95% CI (errors excluded), errors, mean env steps, latency, failure tags."""
     valid = [r for r in recs if not r.get("error")]
     succ = sum(bool(r["success"]) for r in valid)
     lo, hi = wilson_interval(succ, len(valid))
@@ -181,6 +231,7 @@ def group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_env_steps": _mean([r.get("env_steps") for r in valid]),
         "policy_calls": len(lat),
         **latency_stats(lat),
+        "failures": failure_counts(recs),
     }
 
 

@@ -1,10 +1,13 @@
 """The per-task success table of a summary, rendered as text (the end of a run), Markdown
-(summary.md) and HTML (review.html) from one list of rows, so the three always agree."""
+(summary.md) and HTML (review.html) from one list of rows, so the three always agree; and the
+per-task table of failure tags (runners/triage.py) for summary.md."""
 
 from __future__ import annotations
 
 import html
 from typing import Any
+
+from runners.triage import TAGS
 
 
 def pct(x: float | None) -> str:
@@ -73,3 +76,18 @@ def html_table(summary: dict[str, Any]) -> str:
         out.append(f"<tr{' class=total' if r['total'] else ''}>{cells}</tr>")
     out.append("</table>")
     return "\n".join(out)
+
+
+def failure_markdown(summary: dict[str, Any]) -> str:
+    """Failure tags per task and suite (episodes per tag, successes included), or "" when no episode has
+    a tag (results written before triage existed)."""
+    rows = task_rows(summary)
+    seen = {t for r in rows for t in r.get("failures", {})}
+    tags = [t for t in TAGS if t in seen] + sorted(seen - set(TAGS))
+    if not tags:
+        return ""
+    lines = ["| suite | task | " + " | ".join(tags) + " |", "|" + "---|" * (len(tags) + 2)]
+    for r in rows:
+        suite = f"**{r['suite']}**" if r["total"] else r["suite"]
+        lines.append(f"| {suite} | {r['task_id']} | " + " | ".join(str(r.get("failures", {}).get(t, 0)) for t in tags) + " |")
+    return "\n".join(lines) + "\n"

@@ -38,7 +38,14 @@ def test_2x2_sweep_writes_per_job_results_and_the_aggregate(tmp_path):
     assert sorted((r["steps"], r["replan"]) for r in rows) == [("1", "2"), ("1", "5"), ("3", "2"), ("3", "5")]
     assert all(r["success_rate"] == "0.0" and r["episodes"] == "1" for r in rows)
     md = (out / "sweep.md").read_text()
-    assert md.count("\n") == 6 and "| zero |" in md
+    table, paired = md.split("## Paired comparisons")
+    assert table.strip().count("\n") == 5 and "| zero |" in table
+    # the jobs that differ in one setting, compared on their paired episode (not the diagonals)
+    assert paired.count("| steps: 1 → 3 |") == 2 and paired.count("| replan: 2 → 5 |") == 2
+    summary = json.loads((out / "sweep.json").read_text())
+    assert len(summary["jobs"]) == 4 and len(summary["paired_comparisons"]) == 4
+    assert all(j["failures"] == {"never_reached": 1} for j in summary["jobs"])
+    assert all(c["paired"] == 1 and c["neither"] == 1 for c in summary["paired_comparisons"])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "review.html").is_file() and "sweep.png" in (out / "review.html").read_text()
     assert "Sweep of 4 jobs" in proc.stdout

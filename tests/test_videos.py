@@ -159,7 +159,8 @@ def test_review_page_renders_in_headless_chromium_and_plays_every_failure(tmp_pa
     _fake_evaluation(root, "job1_steps=3", ["failure", "failure"])
     page_path = write_review(root)
     html = page_path.read_text()
-    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+    assert "http://" not in html and "https://" not in html and "<script src" not in html  # self-contained
+    assert html.count("<script>") == 1 and 'preload="none"' in html and " src=" not in html  # videos load lazily
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
                                                                      "--disable-background-networking"])
@@ -171,6 +172,9 @@ def test_review_page_renders_in_headless_chromium_and_plays_every_failure(tmp_pa
         page.goto(page_path.as_uri())
         page.wait_for_load_state("load")
         assert page.locator("video").count() == 4  # 2 failures + 1 error, 2 failures; no video for the success
+        for i in range(4):  # a video gets its source when it scrolls near the viewport
+            page.locator("video").nth(i).scroll_into_view_if_needed()
+        page.wait_for_function("[...document.querySelectorAll('video')].every(v => v.getAttribute('src'))")
         states = page.evaluate("""async () => Promise.all([...document.querySelectorAll('video')].map(v =>
             new Promise(done => {
               const report = () => done({ready: v.readyState, error: v.error && v.error.code, width: v.videoWidth});
@@ -182,6 +186,11 @@ def test_review_page_renders_in_headless_chromium_and_plays_every_failure(tmp_pa
         page.wait_for_timeout(300)
         assert page.locator("video").first.evaluate("v => v.currentTime") > 0
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        # the tag filter hides the unticked tag's episodes (results without tags fall back to the outcome)
+        assert page.locator('[data-failure="error"]').is_visible()
+        page.locator('#filters input[data-tag="error"]').uncheck()
+        assert not page.locator('[data-failure="error"]').is_visible()
+        assert page.locator('[data-failure="untagged"]').first.is_visible()
         browser.close()
     assert problems == []
     assert (tmp_path / "review.png").stat().st_size > 10_000
@@ -194,3 +203,119 @@ def test_review_command_requires_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no results.jsonl" in capsys.readouterr().err
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _job(root: Path, name: str, steps: int, outcomes, videos="all", lengths=None, tags=None):
+    """A sweep job like the runner writes: summary.json (the resolved config), results with failure tags
+    and, for videos=all, real videos of every episode."""
+    d = root / name
+    rec = VideoRecorder(d / "videos", videos=videos)
+    lines = []
+    for k, outcome in enumerate(outcomes):
+        video = record(rec, outcome, steps=(lengths or [8] * len(outcomes))[k], init_state=k)
+        lines.append({"suite": "libero_spatial", "task_id": 3, "task": "put the bowl on the plate", "init_state_id": k,
+                      "seed": 7, "success": outcome == "success", "env_steps": 8, "error": "",
+                      "failure": "success" if outcome == "success" else (tags or {}).get(k, "grasp_failed"),
+                      "video": video, "config_hash": f"h{steps}"})
+    rec.close()
+    (d / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = {"suite": "libero_spatial", "steps": steps, "replan": 5, "policy": {"_target_": "policy.simple.ZeroPolicy"}}
+    (d / "summary.json").write_text(json.dumps({"config": cfg, "policy_name": "zero", "config_hash": f"h{steps}"}))
+    return d
+
+
+def test_side_by_side_plays_both_configurations_under_one_control(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path / "sweep"
+    _job(root, "job0_steps=1", 1, ["failure", "success", "failure"], lengths=[20, 8, 8], tags={0: "dropped"})
+    _job(root, "job1_steps=10", 10, ["success", "success", "failure"], lengths=[12, 8, 8])
+    html = write_review(root).read_text()
+    # discordant episodes first, before the per-job galleries; both configurations named
+    assert html.index("Side by side") < html.index("Succeeded in one") < html.index("Failed in both") < html.index(
+        '<h2 id="job0">job0_steps=1</h2>')
+    assert "A: steps=1 (job0)" in html and "B: steps=10 (job1)" in html
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        problems = []
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto((root / "review.html").as_uri())
+        pair = page.locator(".pair").first
+        videos = pair.locator("video")
+        assert videos.count() == 2
+        pair.locator("button").click()
+        page.wait_for_function("""() => [...document.querySelector('.pair').querySelectorAll('video')]
+                                  .every(v => v.currentTime > 0.2 && !v.paused)""", timeout=10_000)
+        pair.locator("button").click()
+        times = videos.evaluate_all("vs => vs.map(v => [v.paused, v.currentTime])")
+        assert all(paused for paused, _ in times) and abs(times[0][1] - times[1][1]) < 0.25, times
+        # seek both to 40% of the longer video (A: 20 steps + 1 s banner = 2.0 s; B: 1.6 s)
+        pair.locator("input[type=range]").evaluate("r => { r.value = 400; r.dispatchEvent(new Event('input')); }")
+        page.wait_for_timeout(200)
+        assert videos.evaluate_all("vs => vs.map(v => v.currentTime)") == pytest.approx([0.8, 0.8], abs=0.06)
+        pair.locator("input[type=range]").evaluate("r => { r.value = 950; r.dispatchEvent(new Event('input')); }")
+        page.wait_for_timeout(200)
+        a, b = videos.evaluate_all("vs => vs.map(v => [v.currentTime, v.duration])")
+        assert a[0] == pytest.approx(0.95 * a[1], abs=0.06) and b[0] == pytest.approx(b[1], abs=0.06)  # B clamped at its end
+        page.screenshot(path=str(tmp_path / "pairs.png"))
+        browser.close()
+    assert problems == []
+
+
+def test_review_page_of_2000_episodes_is_light_and_loads_fast(tmp_path):
+    """2,000 episodes in a two-job sweep (1,000 each, most without a video file on disk): the page stays a
+    few MB, Chromium opens it in seconds, and only videos near the viewport get a source."""
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path / "sweep"
+    tags = ["never_reached", "grasp_failed", "dropped", "misplaced", "timeout_near_goal", "stuck", "success"]
+    for job, steps in (("job0_steps=1", 1), ("job1_steps=10", 10)):
+        d = root / job
+        d.mkdir(parents=True)
+        lines = []
+        for n in range(1000):
+            tag = tags[(n * (3 if steps == 1 else 5)) % len(tags)]
+            lines.append({"suite": "libero_spatial", "task_id": n % 10, "task": f"task {n % 10}", "init_state_id": n // 20,
+                          "seed": 7 + (n // 10) % 2, "success": tag == "success", "env_steps": 220, "error": "",
+                          "failure": tag, "video": f"videos/libero_spatial/ep{n}.mp4", "config_hash": f"h{steps}"})
+        (d / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        cfg = {"suite": "libero_spatial", "steps": steps, "policy": {"_target_": "policy.simple.ZeroPolicy"}}
+        (d / "summary.json").write_text(json.dumps({"config": cfg, "policy_name": "zero"}))
+    real = _job(tmp_path / "real", "job", 1, ["failure"] * 3)  # a few real video files, copied in
+    for n in range(3):
+        src = real / json.loads((real / "results.jsonl").read_text().splitlines()[n])["video"]
+        dst = root / "job0_steps=1" / "videos" / "libero_spatial" / f"ep{n * 7}.mp4"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    t0 = time.perf_counter()
+    page_path = write_review(root)
+    write_s = time.perf_counter() - t0
+    size = page_path.stat().st_size
+    assert size < 4_000_000 and write_s < 20, (size, write_s)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        t0 = time.perf_counter()
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        load_s = time.perf_counter() - t0
+        counts = page.evaluate("""() => ({cards: document.querySelectorAll('.card').length,
+            pairs: document.querySelectorAll('.pair').length,
+            videos: document.querySelectorAll('video').length,
+            loading: [...document.querySelectorAll('video')].filter(v => v.getAttribute('src')).length})""")
+        page.screenshot(path=str(tmp_path / "big.png"))
+        browser.close()
+    assert load_s < 10, load_s
+    assert problems == []
+    # 3 real videos (failures of job0) with cards; their pairs are only listed where a job has the video on disk
+    assert counts["cards"] > 1500 and counts["pairs"] > 100 and counts["videos"] >= 3 and counts["loading"] <= 6, counts
