@@ -1,10 +1,13 @@
 """Collect a sweep's jobs into sweep.csv, sweep.md, sweep.json and sweep.png.
 
-One row per job (an evaluation directory with a summary.json): its config (policy, suite, steps,
-backend, replan, chunking), success rate with its Wilson 95% CI, episodes, errors and policy-call
-latency p50/p95. The plot shows success (with CI bars) and latency against denoising steps, one line
-per (policy, suite, backend, replan, chunking). sweep.md and sweep.json add the paired comparisons
-of every two jobs that differ in one setting (runners/compare.py); sweep.json also holds each job's
+One row per job (an evaluation directory with a summary.json): its settings (policy, suite, steps,
+backend, replan, chunking, execution, latency, perturbation and severity), success rate with its
+Wilson 95% CI, episodes, errors, policy-call latency p50/p95 and execution quality (delay, jerk,
+chunk-boundary jump, held steps). sweep.png shows success (with CI bars) against the axis the sweep
+varies: latency when it does (with the executed actions' jerk beside it), else perturbation
+severity (with episode length), else denoising steps (with policy latency); one line per
+combination of the other settings that vary. sweep.md and sweep.json add the paired comparisons of
+every two jobs that differ in one setting (runners/compare.py); sweep.json also holds each job's
 failure tags (runners/triage.py).
 """
 
@@ -19,9 +22,27 @@ from runners.compare import markdown_table as paired_markdown
 from runners.compare import sweep_comparisons
 from runners.rundir import find_runs, policy_label, read_summary, upgrade_summary, write_json
 
-COLUMNS = ["job", "policy", "suite", "steps", "backend", "replan", "chunking", "success_rate", "ci95_low",
-           "ci95_high", "episodes", "errors", "latency_p50_ms", "latency_p95_ms"]
-SERIES = ("policy", "suite", "backend", "replan", "chunking")
+COLUMNS = ["job", "policy", "suite", "steps", "backend", "replan", "chunking", "execution", "latency_ms", "perturb",
+           "severity", "success_rate", "ci95_low", "ci95_high", "episodes", "errors", "latency_p50_ms",
+           "latency_p95_ms", "delay_steps", "action_jerk", "chunk_boundary_jump", "held_steps"]
+# What identifies a job's configuration in tables and plot legends (the x axis is taken out of it).
+SETTINGS = ("policy", "suite", "backend", "steps", "replan", "chunking", "execution", "latency_ms", "perturb",
+            "severity")
+# The plot's x axis: the first of these the sweep varies (a latency study, a robustness sweep, steps).
+AXES = {
+    "latency_ms": ("simulated policy latency, ms (measured: the calls' p50)", "action_jerk",
+                   "executed actions' jerk (mean |second difference|)"),
+    "severity": ("perturbation severity", "mean_env_steps", "mean env steps of an episode"),
+    "steps": ("denoising steps", "latency_p50_ms", "policy call latency, ms (p50)"),
+}
+
+
+def _severity(summary: dict[str, Any]) -> float | str | None:
+    sev = summary.get("severity") or {}
+    if not sev:
+        return 0.0 if summary.get("perturb", "none") == "none" else None
+    values = set(sev.values())
+    return float(values.pop()) if len(values) == 1 else "+".join(f"{k}={v:g}" for k, v in sorted(sev.items()))
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -33,6 +54,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
             continue
         s = upgrade_summary(s)
         cfg, total = s.get("config", {}), s["total"]
+        latency = cfg.get("latency_ms", 0)
         rows.append({
             "job": str(run.relative_to(root)),
             "policy": policy_label(s),
@@ -41,17 +63,43 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "backend": cfg.get("backend"),
             "replan": cfg.get("replan"),
             "chunking": cfg.get("chunking"),
+            "execution": cfg.get("execution", "sync"),
+            "latency_ms": latency if isinstance(latency, str) else float(latency or 0),
+            "perturb": s.get("perturb", "none"),
+            "severity": _severity(s),
             "success_rate": total["success_rate"],
             "ci95_low": total["ci95"][0],
             "ci95_high": total["ci95"][1],
             "episodes": total["episodes"],
             "errors": total["errors"],
+            "mean_env_steps": total.get("mean_env_steps"),
             "latency_p50_ms": total["latency_p50_ms"],
             "latency_p95_ms": total["latency_p95_ms"],
+            **{k: total.get(k) for k in ("delay_steps", "action_jerk", "chunk_boundary_jump", "held_steps")},
             "failures": total.get("failures", {}),
         })
-    rows.sort(key=lambda r: tuple(str(r[k]) for k in SERIES) + (float(r["steps"] or 0),))
+    rows.sort(key=lambda r: tuple(str(r[k]) for k in SETTINGS if k not in ("steps", "latency_ms", "severity"))
+              + tuple(_num(r, k) for k in ("steps", "latency_ms", "severity")))
     return rows
+
+
+def _num(row: dict[str, Any], key: str) -> float:
+    """A row's value on an axis as a number (measured latency: the calls' p50)."""
+    v = row.get(key)
+    if key == "latency_ms" and v == "measured":
+        return float(row.get("latency_p50_ms") or 0.0)
+    try:
+        return float(v or 0)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def plot_axis(rows: list[dict[str, Any]]) -> str:
+    """The axis the sweep varies: latency if it does, else severity, else denoising steps."""
+    for axis in AXES:
+        if len({str(r[axis]) for r in rows}) > 1:
+            return axis
+    return "steps"
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -59,62 +107,72 @@ def _fmt(v: Any, pct: bool = False) -> str:
         return "-"
     if pct:
         return f"{100 * v:.1f}"
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
+    return str(v)
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, comparisons: list[dict[str, Any]] | None = None) -> None:
-    head = "| job | policy | suite | steps | backend | replan | chunking | success % (95% CI) | episodes | errors | p50 ms | p95 ms |"
+    head = ("| job | policy | suite | steps | backend | replan | chunking | execution | latency ms | perturb | severity "
+            "| success % (95% CI) | episodes | errors | p50 ms | p95 ms | delay steps | jerk | boundary jump | held steps |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         succ = f"{_fmt(r['success_rate'], True)} [{_fmt(r['ci95_low'], True)}, {_fmt(r['ci95_high'], True)}]"
-        lines.append(f"| {r['job']} | {r['policy']} | {r['suite']} | {r['steps']} | {r['backend']} | {r['replan']} | "
-                     f"{r['chunking']} | {succ} | {r['episodes']} | {r['errors']} | {_fmt(r['latency_p50_ms'])} | "
-                     f"{_fmt(r['latency_p95_ms'])} |")
+        cells = [r["job"], r["policy"], r["suite"], r["steps"], r["backend"], r["replan"], r["chunking"], r["execution"],
+                 _fmt(r["latency_ms"]), r["perturb"], _fmt(r["severity"]), succ, r["episodes"], r["errors"],
+                 _fmt(r["latency_p50_ms"]), _fmt(r["latency_p95_ms"]), _fmt(r["delay_steps"]), _fmt(r["action_jerk"]),
+                 _fmt(r["chunk_boundary_jump"]), _fmt(r["held_steps"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + "\n"
     if comparisons is not None:
         text += "\n## Paired comparisons\n\n" + paired_markdown(comparisons)
     path.write_text(text, encoding="utf-8")
 
 
-def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
+def write_plot(rows: list[dict[str, Any]], path: Path) -> str:
+    """Success (Wilson 95% CI bars) against the swept axis, one line per configuration, and the axis's
+    companion metric beside it. Returns the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    axis = plot_axis(rows)
+    xlabel, metric, metric_label = AXES[axis]
+    keys = [k for k in SETTINGS if k != axis and len({str(r[k]) for r in rows}) > 1]
     series: dict[tuple, list] = defaultdict(list)
     for r in rows:
-        series[tuple(r[k] for k in SERIES)].append(r)
-    fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+        series[tuple(r[k] for k in keys)].append(r)
+    fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, rs in series.items():
-        rs = sorted(rs, key=lambda r: float(r["steps"] or 0))
-        x = [float(r["steps"] or 0) for r in rs]
-        label = " / ".join(str(v) for v in key)
+        rs = sorted(rs, key=lambda r: _num(r, axis))
+        x = [_num(r, axis) for r in rs]
+        label = " / ".join(f"{k}={v}" for k, v in zip(keys, key)) or "all jobs"
         y = [100 * (r["success_rate"] or 0.0) for r in rs]
         err = [[yy - 100 * r["ci95_low"] for yy, r in zip(y, rs)], [100 * r["ci95_high"] - yy for yy, r in zip(y, rs)]]
         ax_s.errorbar(x, y, yerr=err, marker="o", capsize=4, label=label)
-        lat = [(float(r["steps"] or 0), r["latency_p50_ms"], r["latency_p95_ms"]) for r in rs if r["latency_p50_ms"] is not None]
-        if lat:
-            line, = ax_l.plot([a for a, _, _ in lat], [b for _, b, _ in lat], marker="o", label=f"{label} p50")
-            ax_l.plot([a for a, _, _ in lat], [c for _, _, c in lat], ls="--", color=line.get_color(), alpha=0.6)
-    steps = sorted({float(r["steps"] or 0) for r in rows})
-    for ax in (ax_s, ax_l):
-        ax.set_xlabel("denoising steps")
-        if steps and min(steps) > 0 and len(steps) > 1:
+        pts = [(xx, r[metric]) for xx, r in zip(x, rs) if r.get(metric) is not None]
+        if pts:
+            ax_m.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=label)
+    xs = sorted({_num(r, axis) for r in rows})
+    for ax in (ax_s, ax_m):
+        ax.set_xlabel(xlabel)
+        if axis == "steps" and xs and min(xs) > 0 and len(xs) > 1:
             ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(steps)
-        ax.set_xticklabels([f"{s:g}" for s in steps])
+            ax.minorticks_off()
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{s:g}" for s in xs])
         ax.grid(alpha=0.3)
     ax_s.set_ylabel("success % (95% Wilson CI)")
     ax_s.set_ylim(-2, 102)
-    ax_l.set_ylabel("policy call latency, ms (p50 solid, p95 dashed)")
+    ax_m.set_ylabel(metric_label)
     ax_s.legend(fontsize=7)
-    ax_s.set_title("Success vs denoising steps")
-    ax_l.set_title("Latency vs denoising steps")
+    ax_s.set_title(f"Success vs {xlabel.split(',')[0].split(' (')[0]}")
+    ax_m.set_title(metric_label.split(" (")[0].split(",")[0])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return axis
 
 
 def write_aggregate(sweep_dir: str | Path) -> list[dict[str, Any]]:

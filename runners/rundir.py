@@ -231,6 +231,11 @@ def group_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_env_steps": _mean([r.get("env_steps") for r in valid]),
         "policy_calls": len(lat),
         **latency_stats(lat),
+        # execution quality (runners/chunking.py), means over episodes that report it
+        "action_jerk": _mean([r.get("action_jerk") for r in valid]),
+        "chunk_boundary_jump": _mean([r.get("chunk_boundary_jump") for r in valid]),
+        "held_steps": _mean([r.get("held_steps") for r in valid]),
+        "delay_steps": _mean([r.get("delay_steps") for r in valid]),
         "failures": failure_counts(recs),
     }
 

@@ -1,0 +1,54 @@
+"""The sweep aggregate puts the swept setting on the plot's axis: latency, severity, or steps."""
+
+import csv
+import json
+
+import pytest
+
+from runners.aggregate import collect, plot_axis, write_aggregate
+from runners.rundir import summarize
+
+
+def _job(root, name, config, perturb="none", severity=None, successes=(1, 0, 1), jerk=0.1):
+    d = root / name
+    d.mkdir(parents=True)
+    recs = [{"suite": config.get("suite", "libero_spatial"), "task_id": 0, "task": "t", "init_state_id": k, "seed": 7,
+             "success": bool(ok), "env_steps": 50, "error": "", "action_jerk": jerk, "held_steps": 2 * k,
+             "latencies_ms": [10.0], "config_hash": "h"} for k, ok in enumerate(successes)]
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = {"suite": "libero_spatial", "steps": 10, "backend": "eager", "replan": 5, "chunking": "replan",
+            "execution": "sync", "latency_ms": 0, "seed": 7, "policy": {"_target_": "policy.scripted.ScriptedPolicy"}}
+    summary = {"config": {**base, **config}, "policy_name": "scripted", "perturb": perturb,
+               "severity": severity or {}, **summarize(recs)}
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+def test_a_latency_sweep_plots_success_and_jerk_against_latency(tmp_path):
+    for i, ms in enumerate((0, 100, 400)):
+        _job(tmp_path, f"job{i}", {"execution": "async", "latency_ms": ms}, jerk=0.1 * (i + 1))
+    _job(tmp_path, "sync", {"execution": "sync", "latency_ms": 0})
+    rows = write_aggregate(tmp_path)
+    assert plot_axis(rows) == "latency_ms"
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| execution | latency ms |" in md and "| jerk |" in md and "| held steps |" in md
+    row = next(r for r in rows if r["job"] == "job2")
+    assert row["latency_ms"] == 400.0 and row["action_jerk"] == pytest.approx(0.3) and row["held_steps"] == 2
+    with open(tmp_path / "sweep.csv", newline="") as f:
+        assert {"execution", "latency_ms", "action_jerk", "held_steps"} <= set(next(csv.DictReader(f)))
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_severity_sweep_plots_against_severity_and_names_the_perturbation(tmp_path):
+    for i, sev in enumerate((0.0, 0.5, 1.0)):
+        _job(tmp_path, f"job{i}", {}, perturb="camera", severity={"camera": sev})
+    _job(tmp_path, "none", {})
+    rows = collect(tmp_path)
+    assert plot_axis(rows) == "severity"
+    assert sorted((r["perturb"], r["severity"]) for r in rows) == [("camera", 0.0), ("camera", 0.5), ("camera", 1.0),
+                                                                   ("none", 0.0)]
+
+
+def test_a_steps_sweep_keeps_steps_on_the_axis(tmp_path):
+    for i, steps in enumerate((1, 3, 10)):
+        _job(tmp_path, f"job{i}", {"steps": steps})
+    assert plot_axis(collect(tmp_path)) == "steps"
