@@ -38,8 +38,37 @@ def _works(backend: str) -> bool:
     return proc.returncode == 0
 
 
+def preload_triton() -> None:
+    """Load Triton's compiler library (if installed) before any OpenGL context exists.
+
+    Mesa's software renderers (llvmpipe, OSMesa) bring their own LLVM, loaded with global symbol
+    visibility; Triton's libtriton bundles another LLVM. When Mesa's is in the process first, loading
+    libtriton afterwards (torch imports it on its first use of torch._dynamo) binds it to Mesa's LLVM
+    symbols and the process dies with a segmentation fault (seen here with Mesa 22.3 and Triton 3.9,
+    tests/test_env_libero.py). Loaded first, with local visibility, libtriton keeps its own LLVM and
+    Python's later `import triton` reuses it. Nothing is imported (no torch, no triton Python code)."""
+    import ctypes
+    import glob
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for location in spec.submodule_search_locations:
+        for lib in glob.glob(os.path.join(location, "_C", "libtriton*.so")):
+            try:
+                ctypes.CDLL(lib, mode=os.RTLD_LOCAL)
+            except OSError:
+                pass  # a broken install is Triton's own error to report when it is used
+            return
+
+
 def select_gl_backend() -> str:
     """Return the backend in use: MUJOCO_GL if set, else the first of egl, osmesa that works."""
+    preload_triton()
     chosen = os.environ.get("MUJOCO_GL")
     if not chosen:
         for backend in _CANDIDATES:

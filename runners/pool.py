@@ -212,7 +212,9 @@ class EnvPool:
             try:
                 status, detail = conn.recv()
             except EOFError:
-                status, detail = "failed", f"the process exited with code {self._procs[i].exitcode}"
+                self._procs[i].join(timeout=5)
+                status, detail = "failed", (f"the process ended (exit code {self._procs[i].exitcode}) before its "
+                                            "environment was built; its own error is printed above")
             if status != "ready":
                 self.close()
                 raise PoolError(f"simulator worker {i} could not build its environment:\n{detail}")

@@ -283,3 +283,21 @@ def test_rendering_only_some_steps_keeps_physics_and_the_rendered_pixels_exactly
                 assert a.any()
             else:
                 assert not b.any()  # skipped: black, never a stale frame
+
+
+def test_rendering_with_mesa_then_importing_triton_does_not_crash():
+    """Mesa's LLVM (software EGL/OSMesa) loaded before Triton's used to kill the process when torch then
+    imported triton (a segmentation fault); envs/rendering.py loads Triton's library first."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("triton") is not None, "the dev extra installs triton (make setup)"
+    code = ("from envs.libero import LiberoEnv\n"
+            "e = LiberoEnv(suite='libero_object', task_id=0, camera_size=64, image_size=64)\n"
+            "o, _ = e.reset(); assert o['image'].std() > 0\n"
+            "import triton, torch._dynamo\n"
+            "e.close(); print('survived')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
