@@ -20,7 +20,8 @@ def compose_sweep(*overrides):
 
 
 def test_every_preset_says_what_it_answers_and_how_long_it_takes():
-    assert {"pi05_libero_paper", "steps_backends", "latency_pi05", "latency_scripted", "smoke", "demo"} <= set(PRESETS)
+    assert {"pi05_libero_paper", "steps_backends", "latency_pi05", "latency_scripted", "robustness_scripted",
+            "libero_pro_scripted", "robustness_pi05", "smoke", "demo"} <= set(PRESETS)
     for name in PRESETS:
         text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_"), name
@@ -46,12 +47,16 @@ def _pi05(tiny_checkpoint, spm_tokenizer):
 @pytest.mark.parametrize("name", PRESETS)
 def test_each_preset_runs_shrunk(name, tmp_path, tiny_checkpoint, spm_tokenizer):
     extra = []
-    if name in ("pi05_libero_paper", "steps_backends", "latency_pi05"):
+    if name in ("pi05_libero_paper", "steps_backends", "latency_pi05", "robustness_pi05"):
         extra = _pi05(tiny_checkpoint, spm_tokenizer) + ["steps=1", "backend=eager", "suite=libero_spatial"]
     if name == "latency_pi05":
         extra += ["execution=rtc"]
     if name == "latency_scripted":
         extra += ["suite=libero_object", "latency_ms=0,400"]
+    if name in ("robustness_scripted", "robustness_pi05"):
+        extra += ["perturb=object_init", "perturb.severity=1.0", "suite=libero_spatial"]
+    if name == "libero_pro_scripted":
+        extra += ["suite=libero_spatial_swap"]
     out = tmp_path / name
     cmd = [sys.executable, "-m", "runners.sweep", f"+experiment={name}", *SHRINK, *extra, f"out={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
