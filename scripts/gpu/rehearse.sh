@@ -31,6 +31,7 @@ STAGES="${1:-311 312}"
 IMAGE=(numpy scipy numba pillow opencv-python-headless pyyaml tqdm sentencepiece safetensors msgpack
        matplotlib joblib tensorstore ml-dtypes cloudpickle typing-extensions networkx absl-py attrs wrapt
        imageio pytest pytest-timeout psutil packaging etils)
+IMAGE311=(triton==3.6.0)   # the image's triton (tests import it); 180 MB, so stage 1 only
 TORCH="${REHEARSE_TORCH:-torch==2.13.0+cpu}"
 PY="${PYTHON:-}"   # the project's venv (the full LIBERO installation), for the pixel comparison
 if [ -z "$PY" ]; then
@@ -86,7 +87,7 @@ mkdir -p "$R/home" "$R/out"
 if [[ " $STAGES " == *" 311 "* ]]; then
   say "stage 1: cp311 bundle, image stand-in venv, full runs"
   PY311="$(find_python 3.11)" || { say "no Python 3.11 found"; exit 2; }
-  image_venv "$R/venv311" "$PY311" "$TORCH" "${IMAGE[@]}"
+  image_venv "$R/venv311" "$PY311" "$TORCH" "${IMAGE[@]}" "${IMAGE311[@]}"
   sent_copy "$R/repo311"
   PYVER=311 E2E_DIR="$R/repo311/.e2e" "$HERE/build_bundle.sh" 2>&1 | grep -v WARNING | sed 's/^/    /'
   rm -rf "$R/venv311.e2e-home" "$R/out"/*

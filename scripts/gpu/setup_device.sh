@@ -50,7 +50,12 @@ if [[ "${1:-}" == "--unpack" ]]; then
   rm -rf "$E2E_HOME/site" "$E2E_HOME/.stamp"; mkdir -p "$E2E_HOME/site"
   pids=()
   for t in "$E2E_DIR"/*/*.tar.xz; do
-    ( xz -dc "$t" | tar -xf - -C "$E2E_HOME/site" ) & pids+=($!)
+    if command -v xz >/dev/null; then
+      ( xz -dc "$t" | tar -xf - -C "$E2E_HOME/site" ) & pids+=($!)
+    else  # no xz executable: Python's lzma (slower)
+      python3 -c 'import sys, tarfile; kw = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], **kw)' "$t" "$E2E_HOME/site" & pids+=($!)
+    fi
   done
   for p in "${pids[@]}"; do wait "$p"; done
   python3 "$HERE/textures.py" unpack "$E2E_HOME/site"
@@ -71,14 +76,15 @@ EOF
   printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > "$E2E_HOME/bin/python"
   chmod +x "$E2E_HOME/bin/python"
   echo "$stamp" > "$E2E_HOME/.stamp"
-  suites="$(cd "$E2E_DIR" && ls -d */ | tr -d / | grep -vx base | tr '\n' ' ')"
+  suites="$(cd "$E2E_DIR" && ls -d */ | tr -d / | { grep -vx base || true; } | tr '\n' ' ')"
   say "unpacked $(du -sh "$E2E_HOME/site" | cut -f1) into $E2E_HOME/site in $(python3 -c "import time; print(round(time.time() - $t0, 1))") s (suites: ${suites:-none})"
   exit 0
 fi
 
 # ---- sourced ------------------------------------------------------------------------------------------
 _e2e_setup() {
-  local here root t0 v d lib
+  local - here root t0 v d lib   # `local -`: the caller's set -e/-u/pipefail stay as they were
+  set +e +u +o pipefail
   here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
   root="$(cd "$here/../.." && pwd)"
   t0=$(date +%s.%N)
