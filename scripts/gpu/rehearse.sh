@@ -12,12 +12,14 @@
 # IMAGE below; no system site-packages), copies what a device call sends (tracked + untracked,
 # not-ignored files + the bundle) and, in an emptied environment (env -i), sources setup_device.sh
 # (twice: the second must find its stamp) and runs the project's commands: runners.evaluate with
-# policy=zero on libero_spatial and libero_object, with Pi0.5 (tiny, random weights) on the CPU, a
-# joblib sweep (vectorization=sync, see below) and a basic-launcher sweep, policy.bench --help, runners.bench_eval --help when it exists, and pytest -m gpu
-# --collect-only.
+# policy=zero on libero_spatial and libero_object, with Pi0.5 (tiny, random weights) on the CPU; a
+# joblib sweep (vectorization=sync, see below) and a basic-launcher sweep; policy.bench --help,
+# runners.bench_eval --help when it exists, pytest -m gpu --collect-only; and a render of 4 tasks' first observations compared, pixel for pixel, with the
+# project's venv (the full LIBERO installation).
 # Stage 2 (cp312, the real bundle): Python 3.12 (pyenv's) + the image's packages minus torch, the
 # repo's own .e2e (build it first); setup_device.sh, then a LIBERO episode of each suite through
-# runners.evaluate policy=zero device=cpu (envs and runners import no torch for it).
+# runners.evaluate policy=zero device=cpu (envs and runners import no torch for it), and the same
+# pixel comparison (both installations render with Mesa's llvmpipe here).
 # REHEARSE_REPO=/path/to/checkout rehearses that checkout's code (e.g. the lead's, with work not yet
 # merged) with this bundle. Each command's output goes to REHEARSE_DIR/logs/; the last lines say what
 # ran and what failed; the exit status is non-zero when anything failed.
@@ -83,7 +85,33 @@ on_device() {
   return 0
 }
 
+# pixels_match VENV REPO TAG: render the first observation of a few tasks through the bundle (on_device)
+# and through the project's venv (the full LIBERO installation), and compare the camera images
+PROBE=(libero_spatial:4 libero_spatial:7 libero_object:0 libero_object:5)
+pixels_match() {
+  local venv="$1" repo="$2" tag="$3" rc
+  on_device "$venv" "$repo" "cp${tag}_render_probe" "python scripts/gpu/render_probe.py \$OUT/probe_cp$tag.npz ${PROBE[*]}"
+  if [ ! -f "$R/out/probe_source.npz" ]; then
+    ( cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" "$HERE/render_probe.py" "$R/out/probe_source.npz" "${PROBE[@]}" ) \
+      > "$R/logs/render_probe_source.log" 2>&1 || say "render_probe_source failed: see $R/logs/render_probe_source.log"
+  fi
+  set +e
+  "$venv/bin/python" - "$R/out/probe_cp$tag.npz" "$R/out/probe_source.npz" > "$R/logs/cp${tag}_pixels.log" 2>&1 <<'PYEOF'
+import sys
+import numpy as np
+a, b = np.load(sys.argv[1]), np.load(sys.argv[2])
+assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+bad = [k for k in a if a[k].shape != b[k].shape or (a[k] != b[k]).any()]
+print(f"{len(a) - len(bad)} of {len(a)} camera images identical to the full installation's" + (f"; differ: {bad}" if bad else ""))
+sys.exit(1 if bad else 0)
+PYEOF
+  rc=$?; set -e
+  RESULTS+=("$(printf '%-28s rc=%d        %s' "cp${tag}_pixels_match_source" "$rc" "$(tail -1 "$R/logs/cp${tag}_pixels.log")")")
+  say "cp${tag}_pixels_match_source: $(tail -1 "$R/logs/cp${tag}_pixels.log")"
+}
+
 mkdir -p "$R/home" "$R/out"
+rm -f "$R/out/probe_source.npz"
 if [[ " $STAGES " == *" 311 "* ]]; then
   say "stage 1: cp311 bundle, image stand-in venv, full runs"
   PY311="$(find_python 3.11)" || { say "no Python 3.11 found"; exit 2; }
@@ -111,23 +139,7 @@ if [[ " $STAGES " == *" 311 "* ]]; then
     "if [ -f runners/bench_eval.py ]; then python -m runners.bench_eval --help; else echo 'runners/bench_eval.py: not in this checkout'; fi"
   on_device "$V" "$P" pytest_gpu_collect "python -m pytest -m gpu --collect-only -q"
   # the trimmed tree renders exactly what the full installation renders (textures restored from WebP)
-  PROBE=(libero_spatial:4 libero_spatial:7 libero_object:0 libero_object:5)
-  on_device "$V" "$P" render_probe_bundle "python scripts/gpu/render_probe.py \$OUT/probe_bundle.npz ${PROBE[*]}"
-  ( cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" "$HERE/render_probe.py" "$R/out/probe_source.npz" "${PROBE[@]}" ) \
-    > "$R/logs/render_probe_source.log" 2>&1 || say "render_probe_source failed: see $R/logs/render_probe_source.log"
-  set +e
-  "$V/bin/python" - "$R/out/probe_bundle.npz" "$R/out/probe_source.npz" > "$R/logs/pixels_match_source.log" 2>&1 <<'PYEOF'
-import sys
-import numpy as np
-a, b = np.load(sys.argv[1]), np.load(sys.argv[2])
-assert sorted(a) == sorted(b), (sorted(a), sorted(b))
-bad = [k for k in a if a[k].shape != b[k].shape or (a[k] != b[k]).any()]
-print(f"{len(a) - len(bad)} of {len(a)} camera images identical to the full installation's" + (f"; differ: {bad}" if bad else ""))
-sys.exit(1 if bad else 0)
-PYEOF
-  rc=$?; set -e
-  RESULTS+=("$(printf '%-28s rc=%d        %s' pixels_match_source "$rc" "$(tail -1 "$R/logs/pixels_match_source.log")")")
-  say "pixels_match_source: $(tail -1 "$R/logs/pixels_match_source.log")"
+  pixels_match "$V" "$P" 311
   for d in spatial object object_pi05; do
     f="$R/out/$d/summary.json"
     [ -f "$f" ] && say "  $d: $(python3 -c "import json,sys; s=json.load(open('$f')); print({k: s[k] for k in list(s)[:8]})" 2>/dev/null | cut -c1-300)"
@@ -153,6 +165,7 @@ if [[ " $STAGES " == *" 312 "* ]]; then
     "python -m runners.evaluate policy=zero device=cpu suite=libero_spatial 'tasks=[9]' episodes=1 max_steps=20 num_envs=2 videos=none out=\$OUT/cp312_spatial"
   on_device "$V" "$P" cp312_evaluate_object_zero \
     "python -m runners.evaluate policy=zero device=cpu suite=libero_object 'tasks=[9]' episodes=1 max_steps=20 num_envs=2 videos=none out=\$OUT/cp312_object"
+  pixels_match "$V" "$P" 312
 fi
 
 echo
