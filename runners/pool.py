@@ -187,6 +187,10 @@ class EnvPool:
                 self.wait_ready()
 
     def _spawn(self, make_env, env_kwargs) -> None:
+        if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+            # joblib's loky workers (a joblib sweep's jobs) set a start method of their own, which a spawned
+            # child cannot recreate ("cannot find context for 'loky'"): start ours the standard way.
+            mp.set_start_method("spawn", force=True)
         ctx = mp.get_context("spawn")
         for i in range(self.num_envs):
             parent, child = ctx.Pipe()

@@ -155,3 +155,12 @@ def test_submitit_slurm_preset_reaches_submitit_and_runs_a_job_on_its_debug_exec
     logs = list((out / ".submitit").glob("DEBUG_*/*_log.out"))
     assert logs, sorted(p.relative_to(out) for p in out.rglob("*"))
     assert (out / "sweep.csv").is_file()
+
+
+def test_joblib_jobs_start_their_own_simulator_processes(tmp_path):
+    """A joblib job runs in a loky worker, whose start method its own spawned simulators cannot
+    recreate; the pool must start them anyway (vectorization=async, the default)."""
+    out = tmp_path / "joblib_async"
+    sweep(out, "hydra/launcher=joblib", "steps=1,3", "videos=none", "vectorization=async", "num_envs=1")
+    js = jobs(out)
+    assert len(js) == 2 and all(json.loads((j / "summary.json").read_text())["total"]["episodes"] == 1 for j in js)
