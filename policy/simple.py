@@ -16,9 +16,11 @@ class ZeroPolicy:
     needs_privileged = False
     needs_images = False  # rendering skipped for it (runners/loop.py)
 
-    def __init__(self, chunk_size: int = 10, delay_s: float = 0.0):
+    def __init__(self, chunk_size: int = 10, delay_s: float = 0.0, needs_images: bool = False):
         self.chunk_size = int(chunk_size)
         self.delay_s = float(delay_s)  # simulated inference time (to exercise servers and batching)
+        # True: the runner renders the cameras for it as for an image policy (simulator benchmarks)
+        self.needs_images = bool(needs_images)
 
     def infer(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.delay_s:

@@ -34,7 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runners import CONF_DIR
-from runners.evaluate import _output_dir, evaluate
+from runners.evaluate import _output_dir, evaluate, plan_episodes
 from runners.rundir import write_json
 
 RESULT_FILE = "bench_eval.json"
@@ -116,8 +116,9 @@ def bench(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from runners.provenance import provenance
 
     t0 = time.perf_counter()
+    limit = cfg.get("time_limit_s")
     with GpuSampler() as gpu:
-        main = evaluate(cfg, out / "main")
+        main = evaluate(cfg, out / "main", stop_after_s=None if limit is None else float(limit))
     wall = time.perf_counter() - t0
     result: dict[str, Any] = {
         "command": "python -m runners.bench_eval " + " ".join(_overrides()),
@@ -126,6 +127,8 @@ def bench(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "success_rate": main["total"]["success_rate"],
         "errors": main["total"]["errors"],
         "num_envs": main.get("run", {}).get("num_envs"),
+        "planned_episodes": len(plan_episodes(cfg)),
+        "time_limit_s": limit,
         "phases": _phases(main),
         "gpu_util": gpu.summary(),
         "cpus": os.cpu_count(),
@@ -140,8 +143,6 @@ def bench(cfg: DictConfig, out: Path) -> dict[str, Any]:
             serial_cfg.vectorization = "sync"
             serial_cfg.render = "every_step"
             serial_cfg.videos = "none"
-            from runners.evaluate import plan_episodes
-
             plan = plan_episodes(cfg)[:n]
             serial_cfg.tasks = sorted({e.task_id for e in plan})
             serial_cfg.init_states = sorted({e.init_state_id for e in plan})

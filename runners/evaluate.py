@@ -166,9 +166,11 @@ def _terminate_gracefully(*_):
     raise SystemExit(143)
 
 
-def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, make_env=None) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, make_env=None,
+             stop_after_s: float | None = None) -> dict[str, Any]:
     """Run the evaluation `cfg` describes into `out_dir` (default: Hydra's run directory); returns
-    what it writes to summary.json.
+    what it writes to summary.json. `stop_after_s`: start no new episode after that many seconds of
+    the loop (runners/bench_eval.py's time limit); the summary covers the episodes that ran.
 
     `policy` replaces the one `cfg.policy` would build (for policies made in code); `make_env`
     replaces the worker environment factory (see runners.pool.make_worker_env).
@@ -239,7 +241,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
             policy.reset()
             loop = EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update, stamp=stamp)
             t0 = time.perf_counter()
-            loop.run(todo)
+            loop.run(todo, stop_after_s=stop_after_s)
             startup["loop_s"] = round(time.perf_counter() - t0, 2)
             startup["num_envs"] = pool.num_envs
             startup["phases"] = loop.phases.as_dict()

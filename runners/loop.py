@@ -299,7 +299,10 @@ class EvaluationLoop:
         return failed, latency_ms
 
     # ----- main loop --------------------------------------------------------------------------------
-    def run(self, episodes: list[Episode]) -> None:
+    def run(self, episodes: list[Episode], stop_after_s: float | None = None) -> None:
+        """Run the episodes; with `stop_after_s`, start no new episode after that many seconds (those
+        running finish): a benchmark's fixed-length window."""
+        self._deadline = None if stop_after_s is None else time.monotonic() + float(stop_after_s)
         try:
             self._run(episodes)
         finally:
@@ -361,6 +364,8 @@ class EvaluationLoop:
                 else:
                     self._stepped(r)
             for i in range(n):
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    todo.clear()
                 if todo and i not in self.slots and i not in self.starting:
                     self._start(i, todo)
 

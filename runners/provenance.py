@@ -51,6 +51,9 @@ def code_version(root: Path = CODE_ROOT) -> dict[str, Any]:
     if _is_our_checkout(root):
         status = _git(root, "status", "--porcelain", "--untracked-files=no")
         return {"git_commit": _git(root, "rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None}
+    stamp = root / ".COMMIT"  # a copy of a checkout made without .git (the GPU bundle) carries its commit here
+    if stamp.is_file() and (root / "pyproject.toml").is_file():
+        return {"git_commit": stamp.read_text().strip()[:40] or None, "git_dirty": None, "commit_from": ".COMMIT"}
     return {"git_commit": None, "git_dirty": None, "package_version": _version(PROJECT)}
 
 
