@@ -118,6 +118,10 @@ def _order(value: Any):
     return (0, float(value), "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0.0, str(value))
 
 
+# Settings that decide which episodes run rather than how: jobs differing in one of them share no episode.
+EPISODE_SETTINGS = ("suite", "seed")
+
+
 def sweep_comparisons(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every pair of the sweep's jobs that differ in exactly one result-deciding setting, compared; A is
     the job with the lower value of that setting."""
@@ -131,6 +135,8 @@ def sweep_comparisons(sweep_dir: str | Path) -> list[dict[str, Any]]:
             if len(diffs) != 1:
                 continue
             (setting, (v1, v2)), = diffs.items()
+            if setting in EPISODE_SETTINGS:
+                continue  # other episodes (another suite or seed): nothing to pair
             (a, va), (b, vb) = sorted([(run_1, v1), (run_2, v2)], key=lambda rv: _order(rv[1]))
             out.append({"setting": setting, "a_value": va, "b_value": vb, **compare_runs(a, b, root)})
     return out

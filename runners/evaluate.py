@@ -148,10 +148,12 @@ def perturb_stamp(specs: list[dict]) -> dict[str, Any]:
 
 
 def resolve_num_envs(value) -> int:
-    """`num_envs`: a number, or `auto`: one simulator process per CPU core but one (kept for the policy
-    and the loop), at least 1. Measured on a 16-core H200 box (docs/benchmarks/, README's GPU section)."""
+    """`num_envs`: a number, or `auto`: 1.5 simulator processes per CPU core (a process waits while its
+    slot's policy call runs, so a few more processes than cores keep the cores busy). On a 16-core H200
+    box 24 processes stepped 327 env steps/s against 252 with 16 and 302 with 32
+    (docs/benchmarks/h200-2026-12-01-scaling.json, README's GPU section)."""
     if str(value).strip().lower() == "auto":
-        return max(1, (os.cpu_count() or 2) - 1)
+        return max(1, round(1.5 * (os.cpu_count() or 2)))
     try:
         n = int(value)
     except (TypeError, ValueError):

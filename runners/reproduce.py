@@ -99,7 +99,9 @@ def protocol_differences(summary: dict[str, Any], protocol: dict[str, Any]) -> l
     episodes = {t["task_id"]: t["episodes"] + t["errors"] for t in tasks}
     short = {t: n for t, n in episodes.items() if n != protocol["episodes_per_task"]}
     if short:
-        out.append(f"init states: {sorted(set(short.values()))} episodes per task in this run, the paper "
+        counts = sorted(set(short.values()))
+        ours = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        out.append(f"init states: {ours} episodes per task in this run, the paper "
                    f"{protocol['episodes_per_task']} ({protocol['init_states']})")
     if cfg.get("init_states") is not None:
         out.append(f"init states chosen explicitly ({cfg['init_states']}), the paper {protocol['init_states']}")

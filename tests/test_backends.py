@@ -165,7 +165,7 @@ def test_fp8_quantization_emulated_on_the_cpu_stays_close_to_eager(tiny, case):
     quantized = [(k, i, name) for k, names in FP8_MATRICES.items() for i in range(len(sampler.weights[k]))
                  for name in names]
     unused = {("prefix", 1, "o"), ("prefix", 1, "gate_up"), ("prefix", 1, "down")}  # the last prefix layer only makes K/V
-    assert set(sampler.amax) == set(quantized) - unused and sampler.calibrator in ("max", "modelopt")
+    assert set(sampler.amax) == set(quantized) - unused
     for kind, i, name in sorted(sampler.amax):
         m = getattr(sampler.weights[kind][i], name)
         assert isinstance(m, Fp8Matrix) and m.w8.dtype == torch.float8_e4m3fn and m.w_scale > 0 and m.x_scale > 0

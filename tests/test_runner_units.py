@@ -209,7 +209,7 @@ def test_multirun_job_k_gets_gpu_k_mod_n(fake_gpus, hydra_job):
 
 def test_resolve_num_envs(monkeypatch):
     assert resolve_num_envs(4) == resolve_num_envs("4") == 4
-    for cores, expected in ((16, 15), (2, 1), (1, 1), (None, 1)):
+    for cores, expected in ((16, 24), (2, 3), (1, 2), (None, 3)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         assert resolve_num_envs("auto") == resolve_num_envs(" AUTO ") == expected
     with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):

@@ -8,8 +8,8 @@ shortens each memory-bound denoise step). Attention score/value products stay bf
 Scales are static and per tensor: weight scale = amax(|W|) / 448; activation scale = amax / 448 of
 that product's input, calibrated by running the backend's own (bf16) computation on calibration
 inputs, so the statistics are those of the fused, norm-folded matrices actually quantized. The
-calibrator is nvidia-modelopt's MaxCalibrator when modelopt is installed (the `fp8` extra), else
-the same statistic (running max of |x|) computed here. Default calibration inputs: a LIBERO frame
+statistic is the running max of |x| (what nvidia-modelopt's MaxCalibrator computes with axis=None,
+here without the dependency: an earlier ModelOpt code path computed the same number and never ran). Default calibration inputs: a LIBERO frame
 pair and that task's instruction (libero_spatial task 0, shipped in calibration/), the instruction
 tokenized with the PaliGemma tokenizer when one is found (`tokenizer=PATH`, else openpi's cache
 path), else random ids of the same length; pass your own batches with
@@ -60,7 +60,7 @@ class Fp8Matrix(NamedTuple):
 
 
 class _Max:
-    """Running max of |x| (what modelopt's MaxCalibrator computes with axis=None)."""
+    """Running max of |x| over the calibration batches."""
 
     def __init__(self):
         self.amax = None
@@ -71,20 +71,6 @@ class _Max:
 
     def compute_amax(self):
         return self.amax
-
-
-def _calibrator_factory(kind: str):
-    if kind in ("auto", "modelopt"):
-        try:
-            from modelopt.torch.quantization.calib import MaxCalibrator
-
-            return (lambda: MaxCalibrator(num_bits=(4, 3), axis=None)), "modelopt"
-        except ImportError:
-            if kind == "modelopt":
-                raise ImportError("calibrator='modelopt' needs nvidia-modelopt: pip install -e '.[fp8]'") from None
-    elif kind != "max":
-        raise ValueError(f"unknown calibrator {kind!r}; choose auto, modelopt or max")
-    return _Max, "max"
 
 
 def fp8_supported(device: torch.device) -> tuple[bool, str]:
@@ -157,13 +143,12 @@ def default_calibration(model: Pi05Model, tokenizer=None, prompt_tokens: int = 2
     return [tuple(inputs[:4])]
 
 
-def calibrate(model: Pi05Model, num_steps: int, batches, calibrator: str = "auto") -> tuple[dict, str]:
+def calibrate(model: Pi05Model, num_steps: int, batches) -> dict:
     """amax of the input of every FP8 matrix, keyed (kind, layer, name), from the bf16 computation."""
-    make, used = _calibrator_factory(calibrator)
-    probes: dict[int, object] = {}
+    probes: dict[int, _Max] = {}
 
     def recording_linear(x, w, bias=None):
-        probes.setdefault(w.data_ptr(), make()).collect(x)
+        probes.setdefault(w.data_ptr(), _Max()).collect(x)
         return F.linear(x, w, bias)
 
     ref = CompiledSampler(model, num_steps=num_steps, torch_compile=False, cuda_graphs=False, linear=recording_linear)
@@ -178,7 +163,7 @@ def calibrate(model: Pi05Model, num_steps: int, batches, calibrator: str = "auto
                 if probe is None:  # never used (the last prefix layer only makes K/V): stays as it is
                     continue
                 amax[(kind, i, name)] = probe.compute_amax().float().reshape(())
-    return amax, used
+    return amax
 
 
 class Fp8Sampler(CompiledSampler):
@@ -186,16 +171,16 @@ class Fp8Sampler(CompiledSampler):
 
     name = "fp8"
 
-    def __init__(self, model: Pi05Model, num_steps: int = 10, calibration=None, calibrator: str = "auto",
-                 emulate: bool = False, tokenizer=None, **options):
+    def __init__(self, model: Pi05Model, num_steps: int = 10, calibration=None, emulate: bool = False,
+                 tokenizer=None, **options):
         device = model.llm.embed_tokens.weight.device
         if not emulate:
             ok, why = fp8_supported(device)
             if not ok:
                 raise RuntimeError(f"backend 'fp8' cannot run here: {why}. Use backend=compile (bf16) instead.")
         batches = calibration if calibration is not None else default_calibration(model, tokenizer)
-        self.amax, self.calibrator = calibrate(model, num_steps, batches, calibrator)
-        log.info("fp8: calibrated %d activation scales with the %s calibrator", len(self.amax), self.calibrator)
+        self.amax = calibrate(model, num_steps, batches)
+        log.info("fp8: calibrated %d activation scales (running max of |x|)", len(self.amax))
         if emulate:
             options.setdefault("torch_compile", False)
             options.setdefault("cuda_graphs", False)
