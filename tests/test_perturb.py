@@ -56,16 +56,23 @@ def test_hydra_group_composes_to_specs_wrap_accepts():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from runners.evaluate import perturb_specs
+
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        none = compose(config_name="evaluate", overrides=["+perturb=none"])
-        assert normalize_specs(OmegaConf.to_container(none.perturb, resolve=True)) == []
-        both = compose(config_name="evaluate", overrides=["+perturb=[lighting,camera]", "perturb.camera.severity=1.0"])
-        specs = normalize_specs(OmegaConf.to_container(both.perturb, resolve=True))
+        none = compose(config_name="evaluate")  # the default: perturb=none
+        assert perturb_specs(none) == []
+        both = compose(config_name="evaluate", overrides=["perturb=[lighting,camera]", "perturb.camera.severity=1.0"])
+        specs = perturb_specs(both)
         assert [(s["name"], s["severity"]) for s in specs] == [("camera", 1.0), ("lighting", 0.5)]
-        every = compose(config_name="evaluate", overrides=[f"+perturb=[{','.join(KINDS)}]"])
-        specs = normalize_specs(OmegaConf.to_container(every.perturb, resolve=True))
+        shared = compose(config_name="evaluate", overrides=["perturb=[lighting,camera]", "perturb.severity=0.25"])
+        assert [(s["name"], s["severity"]) for s in perturb_specs(shared)] == [("camera", 0.25), ("lighting", 0.25)]
+        every = compose(config_name="evaluate", overrides=[f"perturb=[{','.join(KINDS)}]"])
+        specs = perturb_specs(every)
         assert [s["name"] for s in specs] == list(KINDS)  # every file's options are options of its wrapper
+        raw = OmegaConf.to_container(every.perturb, resolve=True)
+        raw.pop("severity")
+        assert normalize_specs(raw) == specs  # what the runner passes to envs.perturb.wrap
 
 
 def test_language_text_severity_zero_one_and_determinism():

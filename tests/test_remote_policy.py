@@ -120,21 +120,32 @@ def test_timeouts_become_error_episodes_not_a_hang(tmp_path):
     """The evaluation loop with a server that never answers: every episode ends as an error that
     names the timeout, and the loop returns."""
     from runners.loop import EvaluationLoop, LoopSettings
-    from runners.pool import Episode
-    from runners.results import ResultsLog
+    from runners.pool import Episode, Reply
+    from runners.rundir import ResultsLog
 
-    class Pool:  # two slots that never end on their own
+    class Pool:  # two slots that never end on their own, answering at once (runners/pool.py's interface)
         num_envs = 2
 
-        def _obs(self):
-            return {"image": np.zeros((2, 224, 224, 3), np.uint8), "wrist_image": np.zeros((2, 224, 224, 3), np.uint8),
-                    "state": np.zeros((2, 8), np.float32)}
+        def __init__(self):
+            self.replies, self.steps = [], {}
 
-        def start(self, episodes):
-            return self._obs(), [{"task": "put the bowl on the plate"} if i in episodes else {} for i in range(2)]
+        @staticmethod
+        def _obs():
+            return {"image": np.zeros((224, 224, 3), np.uint8), "wrist_image": np.zeros((224, 224, 3), np.uint8),
+                    "state": np.zeros(8, np.float32)}
 
-        def step(self, actions):
-            return self._obs(), np.zeros(2, bool), np.zeros(2, bool), [{} for _ in range(2)]
+        def send_start(self, slot, episode, **_):
+            self.steps[slot] = 0
+            self.replies.append(Reply(slot, "start", self._obs(), info={"task": "put the bowl on the plate", "step": 0,
+                                                                       "error": ""}))
+
+        def send_step(self, slot, action, **_):
+            self.steps[slot] += 1
+            self.replies.append(Reply(slot, "step", self._obs(), info={"step": self.steps[slot], "error": ""}))
+
+        def collect(self, wait_for=None, timeout=0.0):
+            out, self.replies = self.replies, []
+            return out
 
     with SlowServer(mute=True) as srv:
         policy = RemotePolicy("127.0.0.1", srv.port, timeout_s=0.3)
