@@ -226,7 +226,7 @@ class EvaluationLoop:
             batch["image"] = batch["wrist_image"] = np.zeros((len(rows), size, size, 3), np.uint8)
         batch["prompt"] = [s.task for s in slots]
         batch["episode"] = [s.episode.key for s in slots]
-        batch["step"] = [s.executor.t for s in slots]
+        batch["step"] = [s.request_step for s in slots]  # the observation's step (a stepping slot is past it)
         if self.needs_privileged:
             batch["privileged"] = [s.privileged for s in slots]
         if self.s.execution == "rtc":
@@ -239,7 +239,7 @@ class EvaluationLoop:
         prev, frozen, overlap = [], [], []
         fixed = self.s.fixed_delay
         for s in slots:
-            t = s.executor.t
+            t = s.request_step  # the request's step: the slot may already be stepping past it
             d = fixed if fixed is not None else s.last_delay
             if s.chunks:
                 start, chunk = s.chunks[-1]

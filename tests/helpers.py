@@ -63,9 +63,10 @@ class ChunkPolicy:
 
     needs_privileged = False
 
-    def __init__(self, chunk_size: int = 8, nan_for: str | None = None):
+    def __init__(self, chunk_size: int = 8, nan_for: str | None = None, supports_rtc: bool = False):
         self.chunk_size = chunk_size
         self.nan_for = nan_for
+        self.supports_rtc = supports_rtc  # records the real-time chunking inputs (it does not use them)
         self.calls: list[dict] = []
         self.prompts: dict[str, int] = {}
 
@@ -77,7 +78,9 @@ class ChunkPolicy:
         n = len(batch["prompt"])
         assert batch["image"].shape[0] == n and batch["state"].shape == (n, 8)
         call = len(self.calls)
-        self.calls.append({"prompts": list(batch["prompt"]), "n": n})
+        self.calls.append({"prompts": list(batch["prompt"]), "n": n, "steps": list(batch.get("step", [])),
+                           "prev_actions": batch.get("prev_actions"), "prev_frozen": batch.get("prev_frozen"),
+                           "prev_overlap": batch.get("prev_overlap")})
         actions = np.zeros((n, self.chunk_size, 7))
         actions[..., -1] = -1
         for r, prompt in enumerate(batch["prompt"]):

@@ -215,6 +215,7 @@ def test_async_execution_timing_at_the_env(tmp_path):
     expected = [ChunkPolicy.encode(call, j, 0) for call in range(4) for j in (2, 3, 4)][:10]
     assert [round(a[0], 6) for a in executed[2:]] == expected
     assert [c["n"] for c in policy.calls] == [1, 1, 1, 1]
+    assert [c["steps"] for c in policy.calls] == [[0], [3], [6], [9]]  # each request's own step, not the slot's
     (rec,) = lines(tmp_path)
     assert rec["execution"] == "async" and rec["sim_latency_ms"] == 100.0 and rec["delay_steps"] == 2
     assert rec["held_steps"] == 2 and rec["policy_calls"] == 4 and rec["chunk_boundary_jump"] is not None
@@ -271,3 +272,18 @@ def test_perturbations_reach_the_env_and_every_record(tmp_path, monkeypatch):
         evaluate(config("perturb.severity=0.5", *FAST), tmp_path / "bad")
     with pytest.raises(ValueError, match="severity"):
         evaluate(config("perturb=camera", "perturb.camera.severity=2", *FAST), tmp_path / "bad2")
+
+
+def test_rtc_gets_the_previous_chunk_from_the_requests_own_step(tmp_path):
+    """The chunk asked at step k continues the previous chunk's actions for steps k, k+1, ...: its
+    frozen part (the latency's steps) and its overlap, aligned on the request's step."""
+    policy = ChunkPolicy(chunk_size=8, supports_rtc=True)
+    cfg = config("tasks=[0]", "init_states=[0]", "replan=3", "execution=rtc", "latency_ms=100", *FAST)
+    evaluate(cfg, tmp_path, policy=policy, make_env=helpers.make_logged_env)
+    first, second, third = policy.calls[:3]
+    assert first["prev_overlap"].tolist() == [0] and not first["prev_actions"].any()  # nothing to continue yet
+    # call 1 (at step 3) continues call 0's chunk (asked at step 0) from its index 3 on: 5 actions overlap
+    assert second["steps"] == [3] and second["prev_overlap"].tolist() == [5] and second["prev_frozen"].tolist() == [2]
+    expected = [ChunkPolicy.encode(0, j, 0) for j in range(3, 8)]
+    assert [round(a, 6) for a in second["prev_actions"][0, :5, 0]] == expected
+    assert [round(a, 6) for a in third["prev_actions"][0, :5, 0]] == [ChunkPolicy.encode(1, j, 0) for j in range(3, 8)]
