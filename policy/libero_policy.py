@@ -87,9 +87,12 @@ class Pi05Policy:
         else:
             ckpt_dir = ckpt if ckpt.is_dir() else ckpt.parent
             self.norm_stats = NormStats.load(find_norm_stats(ckpt_dir, asset_id))
-        self.identity = {"checkpoint": checkpoint_identity(ckpt) if ckpt is not None else "random",
+        weights = checkpoint_identity(ckpt) if ckpt is not None else None
+        # What decides this policy's actions, for a remote client's config hash (runners/serve.py sends it):
+        # the weights' content (not their path), sampling and preprocessing settings, the noise seed.
+        self.identity = {"checkpoint_sha256": weights["sha256"] if weights else "random",
                          "config": config if isinstance(config, str) else "custom", "num_steps": int(num_steps),
-                         "backend": backend, "dtype": str(dtype), "images": images}
+                         "backend": backend, "dtype": str(dtype), "images": images, "seed": int(seed)}
         self.device = torch.device(device or default_device())
         self.model = load_model("random" if random_weights else ckpt, config=cfg, device=self.device, dtype=dtype)
         self.config = self.model.config

@@ -241,3 +241,17 @@ def test_render_environ(monkeypatch):
     for bad in ("gpu", "cuda:0", "-1"):
         with pytest.raises(ValueError, match="render_device must be auto, cpu or an EGL device number, got"):
             render_environ(bad)
+
+
+def test_the_default_checkpoint_is_identified_by_its_content(tmp_path, monkeypatch, tiny_checkpoint):
+    """policy.checkpoint=null means openpi's cache: the checkpoint found there is hashed, not skipped."""
+    from runners.build import policy_identity
+
+    home = tmp_path / "openpi"
+    shutil.copytree(tiny_checkpoint, home / "openpi-assets" / "checkpoints" / "pi05_libero")
+    monkeypatch.setenv("OPENPI_DATA_HOME", str(home))
+    default = _compose(overrides=["policy=pi05"])
+    explicit = _compose(overrides=["policy=pi05", f"policy.checkpoint={tiny_checkpoint}"])
+    ident = policy_identity(default)
+    assert ident is not None and ident == policy_identity(explicit)  # same weights, another path: same identity
+    assert len(ident["checkpoint_sha256"]) == 64

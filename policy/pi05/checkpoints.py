@@ -130,8 +130,8 @@ def _safetensors_header(file: Path) -> bytes:
 def checkpoint_identity(path: str | os.PathLike | None) -> dict[str, str] | None:
     """What identifies a checkpoint's weights without hashing gigabytes: the sha256 of the
     safetensors header (every key, dtype, shape and byte offset) or of the JAX `_METADATA`, with the
-    path and format. None for random weights."""
-    if path is None or str(path) == "random":
+    path and format. None for random weights; `path=None` is the default search's checkpoint."""
+    if path is not None and str(path) == "random":
         return None
     p = resolve_checkpoint(path)
     fmt = checkpoint_format(p)
