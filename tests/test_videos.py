@@ -94,6 +94,26 @@ def test_videos_setting_decides_which_videos_stay(tmp_path):
         VideoRecorder(tmp_path, videos="some")
 
 
+def test_closing_with_episodes_still_running_discards_their_videos_at_once(tmp_path):
+    """Ctrl-C mid-episode: the recorder is closed while episodes' videos have frames but no end. Their
+    encoders are told to stop (no hang waiting for frames that never come), their partial files go, and
+    a video that did end is still written."""
+    import time
+
+    rec = VideoRecorder(tmp_path / "videos", videos="all")
+    done = record(rec, "failure", steps=5)
+    running = [rec.start("libero_spatial", 4, i, 7, "open the drawer", 220, 224) for i in range(3)]
+    for video in running:
+        for t in range(4):
+            video.add(*views(t), t, chunk_start=t == 0)
+    start = time.monotonic()
+    assert rec.close(timeout=20) == []
+    assert time.monotonic() - start < 15
+    assert not any(v.is_alive() for v in running)
+    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "videos").rglob("*.mp4"))
+    assert files == [done]
+
+
 def test_recording_memory_does_not_grow_with_the_episode(tmp_path):
     """A libero_10-length episode (520 steps, two 224 px views): Python-side memory (tracemalloc: numpy
     buffers, the queue, the encoder thread's frames) peaks far below what its frames take, and the

@@ -50,6 +50,7 @@ class EpisodeVideo:
         self.final_path: Path | None = None
         self.stem = self.partial_path.name[: -len(PARTIAL)]
         self.error: BaseException | None = None
+        self.ended = False  # `finish` called
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
         self._last: np.ndarray | None = None
         height, width = frame_size(view)
@@ -75,6 +76,7 @@ class EpisodeVideo:
 
     def finish(self, outcome: str, final_path: Path | None) -> None:
         """End the episode; `final_path` None discards the video. Returns at once; see `wait`."""
+        self.ended = True
         self._queue.put(("end", (outcome, final_path)))
 
     def wait(self, timeout: float | None = None) -> None:
@@ -171,7 +173,12 @@ class VideoRecorder:
         self._open = alive
 
     def close(self, timeout: float = 60.0) -> list[BaseException]:
-        """Wait for every video to be written; returns the encoding errors met, if any."""
+        """Wait for every video to be written; returns the encoding errors met, if any. Videos of
+        episodes that never ended (Ctrl-C, a crash) are discarded: their encoder would otherwise wait
+        for frames that never come, and a partial episode has no outcome to show."""
+        for video in self._open:
+            if not video.ended:
+                video.finish("interrupted", None)
         for video in self._open:
             video.wait(timeout)
         self._prune()
