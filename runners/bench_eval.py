@@ -34,7 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runners import CONF_DIR
-from runners.evaluate import _output_dir, evaluate, plan_episodes
+from runners.evaluate import output_dir, evaluate, plan_episodes
 from runners.rundir import write_json
 
 RESULT_FILE = "bench_eval.json"
@@ -166,7 +166,7 @@ def _overrides() -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench_eval")
 def main(cfg: DictConfig) -> None:
-    out = _output_dir(cfg)
+    out = output_dir(cfg)
     result = bench(cfg, Path(out))
     keys = ("episodes", "episodes_per_hour", "env_steps_per_s", "serial_episodes_per_hour", "speedup_vs_serial",
             "wall_s")

@@ -85,7 +85,7 @@ def perturb_specs(cfg: DictConfig) -> list[dict]:
     return normalize_specs(group)
 
 
-def _output_dir(cfg: DictConfig) -> Path:
+def output_dir(cfg: DictConfig) -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -177,7 +177,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     `policy` replaces the one `cfg.policy` would build (for policies made in code); `make_env`
     replaces the worker environment factory (see runners.pool.make_worker_env).
     """
-    out = Path(out_dir) if out_dir is not None else _output_dir(cfg)
+    out = Path(out_dir) if out_dir is not None else output_dir(cfg)
     episodes = plan_episodes(cfg)
     settings = loop_settings(cfg)  # a bad execution, latency or chunking setting fails here
     specs = perturb_specs(cfg)

@@ -36,6 +36,7 @@ SUMMARY_FILE = "summary.json"
 SUMMARY_MD = "summary.md"
 PROVENANCE_FILE = "provenance.jsonl"
 CONFIG_FILE = "config.yaml"
+JOB_ERROR_FILE = "job_error.txt"  # a sweep job that failed: its traceback (runners/sweep.py)
 
 # Fields renamed since the first results format; files written before keep working.
 _RENAMED = {"steps": "env_steps"}

@@ -56,6 +56,21 @@ def test_2x2_sweep_writes_per_job_results_and_the_aggregate(tmp_path):
     assert rebuilt.returncode == 0 and (out / "sweep.csv").is_file()
 
 
+def test_a_failing_job_leaves_the_others_tables_and_fails_the_sweep(tmp_path):
+    """One job of two raises (an unknown suite): the other's results and the sweep tables are written,
+    the failed job's traceback is kept in its directory, and the sweep exits non-zero naming it."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "runners.sweep", *TINY, f"out={out}", "suite=libero_spatial,libero_nope",
+           "videos=none"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert len(jobs(out)) == 1 and (out / "sweep.csv").is_file() and (out / "review.html").is_file()
+    failed = [p.parent for p in out.glob("*/job_error.txt")]
+    assert len(failed) == 1 and "libero_nope" in failed[0].name
+    assert "libero_nope" in (failed[0] / "job_error.txt").read_text()
+    assert "1 sweep job(s) failed" in proc.stderr and failed[0].name in proc.stderr
+
+
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_two_job_sweep_through_a_launcher(tmp_path, launcher):
     out = tmp_path / launcher
