@@ -22,6 +22,7 @@ import numpy as np
 from gymnasium import spaces
 from openpi_client.image_tools import resize_with_pad  # openpi's own resize (what Pi0.5 trained on)
 
+from envs.checks import check_env_settings
 from envs.images import upright
 from envs.quiet import quiet_libero_stdout, quiet_robosuite
 from envs.rendering import select_gl_backend
@@ -102,14 +103,11 @@ class LiberoEnv(gym.Env):
         check_task_id(self.suite, task_id)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
-        if camera_size <= 0 or image_size <= 0:
-            raise ValueError(f"camera_size and image_size must be positive, got {camera_size} and {image_size}")
+        check_env_settings(camera_size, image_size, settle_steps, max_steps, seed)
         self.camera_size = int(camera_size)
         self.image_size = int(image_size)
         self.settle_steps = int(settle_steps)
         self.max_steps = int(max_steps) if max_steps is not None else get_suite(self.suite).max_steps
-        if self.max_steps <= 0 or self.settle_steps < 0:
-            raise ValueError(f"max_steps must be > 0 and settle_steps >= 0, got {self.max_steps}, {self.settle_steps}")
         self.default_seed = int(seed)
         self.render_mode = render_mode
         # cameras=False skips rendering (10x faster on a CPU) for policies that read the privileged

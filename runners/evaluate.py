@@ -22,12 +22,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from envs.checks import SEED_RANGE, check_env_settings, check_ids, check_int
 from envs.suites import check_task_id, get_suite
 from runners import CONF_DIR
-from runners.build import build_policy, explicit_overrides, is_remote, policy_identity
+from runners.build import PI05_TARGET, build_policy, explicit_overrides, is_remote, policy_identity
 from runners.chunking import check_chunking
 from runners.loop import EvaluationLoop, LoopSettings
-from runners.pool import EnvPool, Episode, render_environ
+from runners.pool import VECTORIZATIONS, EnvPool, Episode, render_environ
 from runners.progress import Progress
 from runners.provenance import provenance
 from runners.review import write_review
@@ -48,26 +49,49 @@ def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
 
 
 def plan_episodes(cfg: DictConfig) -> list[Episode]:
-    """Every (task, init state) the config asks for, after checking the ids against the suite (a
-    LIBERO-PRO suite may lack tasks or have fewer init states: envs/suites.py)."""
+    """Every (task, init state, seed) the config asks for, after checking the ids against the suite (a
+    LIBERO-PRO suite may lack tasks or have fewer init states: envs/suites.py). A repeated id is an
+    error: its episode would run twice and count once."""
     suite = get_suite(cfg.suite)
-    tasks = list(suite.task_ids) if cfg.tasks is None else [int(t) for t in cfg.tasks]
+    tasks = list(suite.task_ids) if cfg.tasks is None else check_ids("tasks", cfg.tasks)
     for t in tasks:
         check_task_id(suite.name, t)
     n = suite.init_states
     if cfg.init_states is not None:
-        states = [int(k) for k in cfg.init_states]
+        states = check_ids("init_states", cfg.init_states)
     else:
-        if not 1 <= int(cfg.episodes) <= n:
-            raise ValueError(f"episodes must be 1..{n} ({suite.name}'s init states per task), got {cfg.episodes}")
-        states = list(range(int(cfg.episodes)))
+        states = list(range(check_int("episodes", cfg.episodes, 1, n)))
     bad = [k for k in states if not 0 <= k < n]
     if bad:
         raise ValueError(f"init_states {bad} out of range: {suite.name} tasks have init states 0..{n - 1}")
-    seeds = [int(cfg.seed)] if cfg.get("seeds") is None else [int(x) for x in cfg.seeds]
-    if not seeds:
-        raise ValueError("seeds is an empty list: give at least one seed, or null for `seed` alone")
+    if cfg.get("seeds") is None:
+        seeds = [check_int("seed", cfg.seed, 0, SEED_RANGE - 1)]
+    else:
+        seeds = check_ids("seeds", cfg.seeds, 0, SEED_RANGE - 1)
     return [Episode(suite.name, t, k, sd) for sd in seeds for t in tasks for k in states]
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings no other check reads before the simulator starts: the env's sizes and step counts,
+    video and process settings, the published table to reproduce."""
+    env = cfg.env
+    check_env_settings(**{k: env[k] for k in ("camera_size", "image_size", "settle_steps", "max_steps", "seed")
+                          if k in env})
+    check_int("video_fps", cfg.video_fps, 1, 240)
+    check_int("video_stride", cfg.video_stride, 1)
+    if cfg.vectorization not in VECTORIZATIONS:
+        raise ValueError(f"unknown vectorization {cfg.vectorization!r}; choose {' or '.join(VECTORIZATIONS)}")
+    if str(cfg.policy.get("_target_", "")) == PI05_TARGET:  # before looking for its checkpoint
+        from policy.backends import get_backend
+
+        get_backend(str(cfg.policy.get("backend", "eager")))
+    if cfg.get("reproduce"):
+        from runners.reproduce import load_published
+
+        tables = load_published()["tables"]
+        if str(cfg.reproduce) not in tables:
+            raise ValueError(f"reproduce={cfg.reproduce} is not a published table; choose one of "
+                             f"{', '.join(sorted(tables))} (runners/published/libero.json)")
 
 
 def perturb_specs(cfg: DictConfig) -> list[dict]:
@@ -178,6 +202,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     replaces the worker environment factory (see runners.pool.make_worker_env).
     """
     out = Path(out_dir) if out_dir is not None else output_dir(cfg)
+    check_settings(cfg)
     episodes = plan_episodes(cfg)
     settings = loop_settings(cfg)  # a bad execution, latency or chunking setting fails here
     specs = perturb_specs(cfg)

@@ -61,9 +61,10 @@ class LoopSettings:
     def __post_init__(self):
         if self.execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
-        if self.execution == "sync" and self.latency_ms not in (None, 0, 0.0):
+        if self.execution == "sync" and self.latency_ms != 0:
+            asked = "measured" if self.latency_ms is None else self.latency_ms
             raise ValueError(f"execution=sync freezes the simulator while the policy thinks, so latency_ms="
-                             f"{self.latency_ms} has no effect; use execution=async or rtc")
+                             f"{asked} has no effect; use execution=async or rtc")
         if self.render not in RENDER_MODES:
             raise ValueError(f"unknown render {self.render!r}; choose one of {', '.join(RENDER_MODES)}")
         if self.video_stride < 1:

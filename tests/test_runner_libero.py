@@ -253,6 +253,42 @@ def test_execution_settings_are_checked_before_any_environment(tmp_path, monkeyp
         evaluate(config("execution=async", "latency_ms=300", *FAST), tmp_path)
     with pytest.raises(ValueError, match="execution=rtc needs a policy"):
         evaluate(config("execution=rtc", "latency_ms=100", *FAST), tmp_path)
+    with pytest.raises(ValueError, match="latency_ms=measured has no effect"):
+        evaluate(config("latency_ms=measured", *FAST), tmp_path)
+    with pytest.raises(ValueError, match=r"the latency is 10 env steps at 20 Hz, as long as the policy's whole chunk "
+                                         r"of 10 actions.*latency_ms <= 250 with replan=5"):
+        evaluate(config("execution=async", "latency_ms=500", *FAST), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tasks=[0,3,0]"], r"tasks repeats \[0\]: each episode key must be asked for once"),
+    (["init_states=[1,1]"], r"init_states repeats \[1\]"),
+    (["seeds=[7,8,7]"], r"seeds repeats \[7\]"),
+    (["tasks=[]"], "tasks is an empty list"),
+    (["init_states=[]"], "init_states is an empty list"),
+    (["seeds=[-1]"], r"seeds entry must be 0..4294967295, got -1"),
+    (["seed=4294967296"], r"seed must be 0..4294967295"),
+    (["episodes=2.5"], "episodes must be a whole number, got 2.5"),
+    (["max_steps=0"], r"max_steps must be 1..100000, got 0"),
+    (["max_steps=abc"], "max_steps must be a whole number, got 'abc'"),
+    (["settle_steps=-1"], r"settle_steps must be 0..10000, got -1"),
+    (["env.image_size=0"], r"env.image_size must be 16..2048, got 0"),
+    (["env.camera_size=ten"], "env.camera_size must be a whole number"),
+    (["video_fps=0"], r"video_fps must be 1..240, got 0"),
+    (["video_stride=0"], r"video_stride must be >= 1, got 0"),
+    (["vectorization=threads"], "unknown vectorization 'threads'"),
+    (["reproduce=pi07_libero"], "reproduce=pi07_libero is not a published table; choose one of"),
+])
+def test_bad_settings_fail_before_anything_starts_or_is_written(tmp_path, monkeypatch, overrides, message):
+    """Repeated or empty ids, out-of-range seeds, non-integer step counts, bad sizes: a clear error before
+    any simulator starts and before the run directory is made."""
+    import runners.evaluate as ev
+
+    monkeypatch.setattr(ev, "EnvPool", lambda *a, **k: pytest.fail("an environment was built"))
+    cfg = config(*[o for o in FAST if o.split("=")[0] not in {x.split("=")[0] for x in overrides}], *overrides)
+    with pytest.raises(ValueError, match=message):
+        evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_perturbations_reach_the_env_and_every_record(tmp_path, monkeypatch):
