@@ -105,6 +105,20 @@ def protocol_differences(summary: dict[str, Any], protocol: dict[str, Any]) -> l
                    f"{protocol['episodes_per_task']} ({protocol['init_states']})")
     if cfg.get("init_states") is not None:
         out.append(f"init states chosen explicitly ({cfg['init_states']}), the paper {protocol['init_states']}")
+    if cfg.get("tasks") is not None:
+        out.append(f"tasks: only {list(cfg['tasks'])} of the suite, the paper every task")
+    seeds = cfg.get("seeds")
+    if seeds is not None and list(seeds) != [protocol["seed"]]:
+        out.append(f"seeds: this run {list(seeds)}, the paper {protocol['seed']} alone")
+    perturb = summary.get("perturb", "none")
+    if perturb != "none":
+        sev = ", ".join(f"{k} {v:g}" for k, v in sorted((summary.get("severity") or {}).items()))
+        out.append(f"perturbation: this run {perturb}{f' (severity {sev})' if sev else ''}, the paper none")
+    if env.get("cameras") is False:
+        out.append("cameras off (env.cameras=false): the policy saw black images, the paper rendered both views")
+    latency = cfg.get("latency_ms", 0)
+    if cfg.get("execution", "sync") != "sync" and latency not in (0, 0.0, None):
+        out.append(f"latency: {latency} ms while the simulator kept moving, the paper none (it waited)")
     mujoco = ((summary.get("provenance") or {}).get("versions") or {}).get("mujoco")
     differ("MuJoCo", mujoco, protocol["mujoco"], "physics, and so success rates, move with the MuJoCo version")
     for t in tasks:
@@ -119,6 +133,11 @@ def report(root: str | Path, table: str = DEFAULT_TABLE, alpha: float = 0.05,
     if table not in data["tables"]:
         raise ValueError(f"no published table {table!r} in {published_path}; tables: {', '.join(data['tables'])}")
     ref = data["tables"][table]
+    # A table file of one's own may leave out the protocol or parts of it: openpi's fills the rest. A
+    # table's own episodes per task (lerobot's 10) is what its runs are held to.
+    protocol = {**load_published(PUBLISHED)["protocol"], **(data.get("protocol") or {})}
+    if "episodes_per_task" in ref:
+        protocol["episodes_per_task"] = ref["episodes_per_task"]
     root = Path(root)
     runs = [r for r in find_runs(root) if read_summary(r) is not None]
     if not runs:
@@ -127,7 +146,7 @@ def report(root: str | Path, table: str = DEFAULT_TABLE, alpha: float = 0.05,
     for run in runs:
         summary = upgrade_summary(read_summary(run))
         name = "." if run == root else str(run.relative_to(root))
-        protocols[name] = protocol_differences(summary, data["protocol"])
+        protocols[name] = protocol_differences(summary, protocol)
         for suite, s in summary.get("suites", {}).items():
             if suite not in ref["success"]:
                 continue
@@ -181,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         result = report(args.dir, args.table, args.alpha, args.published)
     except (FileNotFoundError, ValueError) as exc:
         p.error(str(exc))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:  # a hand-edited summary or table file
+        p.error(f"a summary.json under {args.dir} or {args.published} is not in the expected form ({exc!r}); "
+                f"rebuild summaries with python -m runners.evaluate out=RUN (it resumes, running nothing new)")
     print(markdown(result))
     print(f"Written: {Path(args.dir) / 'reproduce.md'}, {Path(args.dir) / 'reproduce.json'}", file=sys.stderr)
 

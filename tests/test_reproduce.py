@@ -1,6 +1,7 @@
 """runners.reproduce: verdicts against a published table, their power, and the protocol check."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,30 @@ def test_report_on_real_runs_gives_the_right_verdicts_and_names_protocol_differe
     cli = subprocess.run([sys.executable, "-m", "runners.reproduce", str(root), "--table", "nope"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and "pi05_libero_openpi" in cli.stderr  # names the tables there are
+
+
+def test_protocol_check_names_perturbations_blind_cameras_subsets_seeds_and_latency(tmp_path):
+    """A run that is not the paper's in ways the verdict cannot see: a perturbation, cameras off, one
+    task, two seeds, a latency. A table file of one's own without a protocol is checked against
+    openpi's, and its own episodes per task (here 4 = 2 init states x 2 seeds) is the one held to."""
+    run = tmp_path / "run"
+    _evaluate(run, "policy=zero", "max_steps=8", "perturb=lighting", "perturb.severity=0.5", "env.cameras=false",
+              "seeds=[7,8]", "execution=async", "latency_ms=100")
+    published = tmp_path / "mine.json"
+    published.write_text(json.dumps({"tables": {"mine": {"episodes_per_task": 4, "success": {"libero_spatial": 0.5}}}}))
+    diffs = report(run, "mine", 0.05, published)["protocol_differences"]["."]
+    text = "\n".join(diffs)
+    assert "perturbation: this run lighting (severity lighting 0.5), the paper none" in text
+    assert "cameras off (env.cameras=false)" in text
+    assert "tasks: only [0] of the suite" in text
+    assert "seeds: this run [7, 8], the paper 7 alone" in text
+    assert "latency: 100 ms while the simulator kept moving" in text and "execution: this run 'async'" in text
+    assert "episodes per task" not in text  # 4 per task, as this table's protocol says
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    summary = json.loads((broken / "summary.json").read_text())
+    del summary["suites"]["libero_spatial"]["successes"]
+    (broken / "summary.json").write_text(json.dumps(summary))
+    cli = subprocess.run([sys.executable, "-m", "runners.reproduce", str(broken)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 2 and "not in the expected form" in cli.stderr and "Traceback" not in cli.stderr
