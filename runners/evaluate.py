@@ -79,6 +79,7 @@ def check_settings(cfg: DictConfig) -> None:
                           if k in env})
     check_int("video_fps", cfg.video_fps, 1, 240)
     check_int("video_stride", cfg.video_stride, 1)
+    worker_timeout(cfg)
     if cfg.vectorization not in VECTORIZATIONS:
         raise ValueError(f"unknown vectorization {cfg.vectorization!r}; choose {' or '.join(VECTORIZATIONS)}")
     if str(cfg.policy.get("_target_", "")) == PI05_TARGET:  # before looking for its checkpoint
@@ -187,6 +188,19 @@ def resolve_num_envs(value) -> int:
     return n
 
 
+def worker_timeout(cfg: DictConfig) -> float | None:
+    value = cfg.get("worker_timeout_s", 300)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"worker_timeout_s must be a number of seconds > 0, or null to wait forever; got {value!r}")
+    return seconds
+
+
 def _terminate_gracefully(*_):
     # SIGTERM (Slurm preemption, kill) unwinds like Ctrl-C, so workers and video files are closed.
     raise SystemExit(143)
@@ -255,6 +269,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
             startup["policy_device"] = str(getattr(policy, "device", "")) or None
             startup["worker_environ"] = environ
             pool = EnvPool(num_envs, env_kwargs, cfg.vectorization, wait=False, environ=environ, perturb=specs,
+                           command_timeout_s=worker_timeout(cfg),
                            **({"make_env": make_env} if make_env is not None else {}))
             if hasattr(policy, "prepare"):  # compiles while the simulator workers start
                 prepared = policy.prepare(pool.num_envs)

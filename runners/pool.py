@@ -10,7 +10,10 @@ A command may ask for more than the observation: `render` (render the cameras fo
 this command returns; LiberoEnv.set_rendering), `privileged` (the env's privileged state, for
 scripted policies, in the same round trip) and `trace` (a trace point for failure triage,
 LiberoEnv.trace_point; starts and episode ends always carry one). Simulator exceptions come back
-as an `error` entry, so one crashing episode does not take the pool down. `vectorization="sync"`
+as an `error` entry, so one crashing episode does not take the pool down; neither does a worker
+that dies (a segfault in MuJoCo or EGL, the out-of-memory killer) or stops answering for
+`command_timeout_s`: it is replaced by a fresh one and its command answered with an `error` reply
+(a run whose workers keep dying stops with PoolError). `vectorization="sync"`
 runs the same slots in-process, one command at a time (for debugging, and for tests that inspect
 the envs).
 """
@@ -153,17 +156,30 @@ class PoolError(RuntimeError):
     pass
 
 
+def error_reply(slot: int, cmd: str, args: tuple, error: str) -> Reply:
+    """The reply to a command that got none (its worker died or hung): an error for the episode."""
+    if cmd == "start":
+        ep = args[0]
+        return Reply(slot, "start", info={"task": "", "task_id": ep.task_id, "init_state_id": ep.init_state_id,
+                                          "step": 0, "error": error})
+    return Reply(slot, "step", truncated=True, info={"error": error})  # no "step": the runner keeps its count
+
+
 class EnvPool:
     """`num_envs` slots of one suite. `send_start`/`send_step` issue a command to one slot;
     `collect` returns the replies that are in (waiting for the slots named, if any)."""
 
     def __init__(self, num_envs: int, env_kwargs: dict[str, Any], vectorization: str = "async",
                  make_env: Callable = make_worker_env, start_timeout_s: float = 600.0, wait: bool = True,
-                 environ: dict[str, str] | None = None, perturb: list[dict] | None = None):
+                 environ: dict[str, str] | None = None, perturb: list[dict] | None = None,
+                 command_timeout_s: float | None = 300.0, max_replacements: int | None = None):
         """Starts the workers; with `wait=False` returns at once (the caller does other start-up work,
         e.g. compiling the policy) and `wait_ready()` must be called before the first command.
         `environ`: variables set in each worker before it imports the simulator (render_environ);
-        `perturb`: envs.perturb specs wrapped around every slot's env."""
+        `perturb`: envs.perturb specs wrapped around every slot's env; `command_timeout_s`: a worker
+        that takes longer on one command is taken for hung and replaced (None: wait forever);
+        `max_replacements`: dead or hung workers replaced before the pool gives up (default
+        max(3, num_envs))."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if vectorization not in VECTORIZATIONS:
@@ -178,6 +194,13 @@ class EnvPool:
         self._timeout_s = start_timeout_s
         self._environ = dict(environ or {})
         self._perturb = list(perturb or [])
+        self._make_env, self._env_kwargs = make_env, dict(env_kwargs)
+        if command_timeout_s is not None and not command_timeout_s > 0:
+            raise ValueError(f"command_timeout_s must be > 0 seconds or None, got {command_timeout_s}")
+        self._command_timeout_s = command_timeout_s
+        self._inflight: dict[int, tuple[str, tuple, float]] = {}  # slot -> (command, args, deadline)
+        self.replaced = 0  # workers replaced after dying or hanging
+        self._max_replacements = max(3, num_envs) if max_replacements is None else int(max_replacements)
         if self.sync:
             self._inline = [SlotEnv(make_env, env_kwargs, self._perturb) for _ in range(num_envs)]
             self._ready = True
@@ -191,17 +214,47 @@ class EnvPool:
             # joblib's loky workers (a joblib sweep's jobs) set a start method of their own, which a spawned
             # child cannot recreate ("cannot find context for 'loky'"): start ours the standard way.
             mp.set_start_method("spawn", force=True)
-        ctx = mp.get_context("spawn")
         for i in range(self.num_envs):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, make_env, dict(env_kwargs), i, self._environ, self._perturb),
-                               daemon=True,
-                               name=f"libero-slot-{i}")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
+            conn, proc = self._start_worker(i)
+            self._conns.append(conn)
             self._procs.append(proc)
         self._spawned_at = time.monotonic()
+
+    def _start_worker(self, i: int):
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, self._make_env, self._env_kwargs, i, self._environ,
+                                                 self._perturb), daemon=True, name=f"libero-slot-{i}")
+        proc.start()
+        child.close()
+        return parent, proc
+
+    def _replace(self, slot: int, why: str) -> Reply:
+        """Kill slot's worker, start a fresh one in its place (waiting until its env is built) and return
+        the error reply to the command it never answered."""
+        cmd, args, _ = self._inflight.pop(slot)
+        self.busy.discard(slot)
+        proc, conn = self._procs[slot], self._conns[slot]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+        conn.close()
+        self.replaced += 1
+        error = f"simulator worker {slot} {why} (exit code {proc.exitcode}); a fresh worker took its slot"
+        if self.replaced > self._max_replacements:
+            raise PoolError(f"{error}, but {self.replaced} workers have now died or hung in this run: stopping. "
+                            "Look for a crash (segfault, out of memory: dmesg) in the output above")
+        conn, proc = self._start_worker(slot)
+        self._conns[slot], self._procs[slot] = conn, proc
+        if not conn.poll(self._timeout_s):
+            raise PoolError(f"{error}, but the new worker did not start within {self._timeout_s:.0f} s")
+        try:
+            status, detail = conn.recv()
+        except EOFError:
+            status, detail = "failed", f"it exited with code {proc.exitcode}"
+        if status != "ready":
+            raise PoolError(f"{error}, but the new worker could not build its environment:\n{detail}")
+        return error_reply(slot, cmd, args, error)
 
     def wait_ready(self) -> None:
         """Block until every worker has built its environment (raises PoolError naming a failure)."""
@@ -232,8 +285,13 @@ class EnvPool:
         self.busy.add(slot)
         if self.sync:
             self._done.append(getattr(self._inline[slot], cmd)(slot, *args))
-        else:
+            return
+        timeout = self._command_timeout_s
+        self._inflight[slot] = (cmd, args, float("inf") if timeout is None else time.monotonic() + timeout)
+        try:
             self._conns[slot].send((cmd, args))
+        except (BrokenPipeError, OSError):  # died since its last reply: collect reports it
+            pass
 
     def send_start(self, slot: int, episode: Episode, render: bool = True, privileged: bool = False) -> None:
         self._send(slot, "start", (episode, bool(render), bool(privileged)))
@@ -252,19 +310,28 @@ class EnvPool:
         else:
             block = timeout is None and not wait_for
             while True:
-                ready = mp.connection.wait([self._conns[i] for i in self.busy],
-                                           timeout=None if (wait_for or block) else timeout)
+                wait_s = None if (wait_for or block) else timeout
+                if self.busy:  # wake up for the first command past its deadline
+                    first = min(self._inflight[i][2] for i in self.busy) - time.monotonic()
+                    wait_s = max(0.0, first) if wait_s is None else min(wait_s, max(0.0, first))
+                    wait_s = None if wait_s == float("inf") else wait_s
+                ready = mp.connection.wait([self._conns[i] for i in self.busy], timeout=wait_s)
                 for conn in ready:
                     slot = self._conns.index(conn)
                     try:
                         replies.append(conn.recv())
+                        self._inflight.pop(slot, None)
                     except EOFError:
-                        raise PoolError(f"simulator worker {slot} died (exit code {self._procs[slot].exitcode}); "
-                                        "see its output above") from None
+                        replies.append(self._replace(slot, "died"))
                     self.busy.discard(slot)
                     wait_for.discard(slot)
-                block = False
-                if not wait_for:
+                now = time.monotonic()
+                for slot in [i for i in self.busy if self._inflight[i][2] <= now]:
+                    replies.append(self._replace(slot, f"did not answer within {self._command_timeout_s:g} s "
+                                                       "(hung) and was killed"))
+                    wait_for.discard(slot)
+                block = block and not replies
+                if not wait_for and not block:
                     break
         for r in replies:
             self.busy.discard(r.slot)
@@ -292,6 +359,7 @@ class EnvPool:
             env.close()
         self._inline = []
         self.busy.clear()
+        self._inflight.clear()
 
 
 def render_environ(render_device, policy_device=None) -> dict[str, str]:

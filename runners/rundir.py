@@ -47,7 +47,7 @@ _RENAMED = {"steps": "env_steps"}
 # directory names too).
 NOT_HASHED = ("out", "tasks", "episodes", "init_states", "seeds", "num_envs", "vectorization", "videos", "video_fps",
               "video_stride", "render", "render_device", "retry_errors", "device", "host", "port", "serial_baseline",
-              "serial_episodes", "time_limit_s", "reproduce")
+              "serial_episodes", "time_limit_s", "reproduce", "worker_timeout_s")
 # A remote policy's own settings: where the server is (not what it runs) and how long to wait for it.
 REMOTE_NOT_HASHED = ("device", "host", "port", "api_key", "timeout_s")
 

@@ -128,3 +128,28 @@ class EventLog(gym.Wrapper):
 
 def make_event_env(env_kwargs, path: str, slow: tuple = (), delay_s: float = 0.0):
     return EventLog(LiberoEnv(**env_kwargs), path, slow, delay_s)
+
+
+class DyingStep(gym.Wrapper):
+    """On the 3rd step of init state 1 the worker process dies (a segfault in MuJoCo or EGL, the
+    out-of-memory killer); on the 3rd step of init state 2 it hangs."""
+
+    def reset(self, **kw):
+        self.n = 0
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        import os
+        import time
+
+        self.n += 1
+        k = self.env.unwrapped.init_state_id
+        if k == 1 and self.n == 3:
+            os._exit(139)
+        if k == 2 and self.n == 3:
+            time.sleep(3600)
+        return self.env.step(action)
+
+
+def make_dying_env(env_kwargs):
+    return DyingStep(LiberoEnv(**env_kwargs))

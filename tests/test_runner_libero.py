@@ -80,6 +80,43 @@ def test_an_env_exception_is_an_error_episode_and_the_slot_goes_on(tmp_path):
     assert recs[1]["error"] == "" and recs[1]["env_steps"] == 12
 
 
+def test_a_dead_or_hung_worker_is_replaced_and_only_its_episode_errs(tmp_path):
+    """Two simulator processes; the worker running init state 1 dies mid-episode (exit 139), the one
+    running init state 2 hangs. Each becomes an error episode naming what happened, a fresh worker takes
+    the slot, and the other episodes finish normally."""
+    import time
+
+    cfg = config("tasks=[0]", "init_states=[0,1,2,3]", "num_envs=2", "worker_timeout_s=8",
+                 *[o for o in FAST if not o.startswith("vectorization")])
+    t0 = time.monotonic()
+    evaluate(cfg, tmp_path, policy=ChunkPolicy(), make_env=helpers.make_dying_env)
+    recs = {r["init_state_id"]: r for r in lines(tmp_path)}
+    assert sorted(recs) == [0, 1, 2, 3]
+    assert "simulator worker" in recs[1]["error"] and "died (exit code 139)" in recs[1]["error"]
+    assert "did not answer within 8 s (hung) and was killed" in recs[2]["error"]
+    assert recs[0]["error"] == recs[3]["error"] == "" and recs[0]["env_steps"] == recs[3]["env_steps"] == 12
+    assert time.monotonic() - t0 < 240
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["total"]["errors"] == 2
+
+
+def test_a_pool_whose_workers_keep_dying_stops_with_a_clear_error():
+    from runners.pool import EnvPool, Episode, PoolError
+
+    pool = EnvPool(1, {"suite": "libero_spatial", "task_id": 0, "camera_size": 128, "image_size": 128},
+                   make_env=helpers.make_dying_env, max_replacements=0)
+    try:
+        pool.send_start(0, Episode("libero_spatial", 0, 1, 7), render=False)
+        (start,) = pool.collect(wait_for={0})
+        assert start.info["error"] == ""
+        with pytest.raises(PoolError, match="1 workers have now died or hung in this run: stopping"):
+            for _ in range(3):
+                pool.send_step(0, np.zeros(7), render=False)
+                pool.collect(wait_for={0})
+    finally:
+        pool.close()
+
+
 def test_ensemble_chunking_runs_end_to_end(tmp_path):
     helpers.LOGS.clear()
     cfg = config("tasks=[0]", "init_states=[0]", "chunking=ensemble", "ensemble_m=0.0", "replan=2", *FAST)
