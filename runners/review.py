@@ -124,6 +124,12 @@ def _tag(r: dict[str, Any]) -> str:
     return "error" if r.get("error") else ("success" if r.get("success") else "untagged")
 
 
+def _h(value: Any) -> str:
+    """Any value read from a results file, escaped for the page (records are type-checked on reading,
+    runners.rundir.check_record; this is the second line of defence)."""
+    return html.escape(str(value))
+
+
 def _outcome(r: dict[str, Any]) -> str:
     return "error" if r.get("error") else ("success" if r.get("success") else "failure")
 
@@ -141,7 +147,7 @@ def _facts(trace: dict[str, Any] | None) -> str:
     f = (trace or {}).get("facts") or {}
     if not f:
         return ""
-    cm = lambda x: "-" if x is None else f"{100 * x:.1f} cm"  # noqa: E731
+    cm = lambda x: f"{100 * x:.1f} cm" if isinstance(x, (int, float)) else "-"  # noqa: E731  (a foreign trace file)
     return (f" &middot; closest {cm(f.get('min_reach_m'))} &middot; max lift {cm(f.get('max_lift_m'))}"
             f" &middot; to goal at end {cm(f.get('final_goal_m'))}")
 
@@ -156,9 +162,9 @@ def _card(eval_dir: Path, root: Path, r: dict[str, Any], trace: dict[str, Any] |
         card.append(f"<p>video missing: {html.escape(r['video'])}</p>")
     card.append(
         f'<div class="meta"><b class="outcome-{outcome}">{outcome}</b> <span class="tag">{html.escape(_tag(r))}</span>'
-        f' &middot; task {r["task_id"]} &middot; init state {r["init_state_id"]} &middot; seed {r["seed"]}'
-        f' &middot; {r.get("env_steps")} env steps &middot; latency p50 {num(r.get("latency_p50_ms"))} ms,'
-        f' p95 {num(r.get("latency_p95_ms"))} ms{_facts(trace)}</div>')
+        f' &middot; task {_h(r["task_id"])} &middot; init state {_h(r["init_state_id"])} &middot; seed {_h(r["seed"])}'
+        f' &middot; {_h(r.get("env_steps"))} env steps &middot; latency p50 {_h(num(r.get("latency_p50_ms")))} ms,'
+        f' p95 {_h(num(r.get("latency_p95_ms")))} ms{_facts(trace)}</div>')
     if r.get("error"):
         card.append(f"<pre>{html.escape(str(r['error']))}</pre>")
     card.append("</div>")
@@ -248,7 +254,7 @@ def _side(root: Path, run: Path, label: str, r: dict[str, Any] | None) -> str:
         status = "not run"
     else:
         status = f'<b class="outcome-{_outcome(r)}">{_outcome(r)}</b> <span class="tag">{html.escape(_tag(r))}</span>'
-        status += f' &middot; {r.get("env_steps")} env steps'
+        status += f' &middot; {_h(r.get("env_steps"))} env steps'
     if player is None:
         why = "no video" if r is None or not r.get("video") else "video missing"
         if r is not None and r.get("success") and not r.get("video"):

@@ -72,6 +72,34 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+_NUMBER = (int, float)
+# The result line's fields that pages and tables read, and the types they must have (None allowed for
+# the optional ones): a hand-edited or foreign line with, say, markup in env_steps is skipped, not shown.
+_FIELD_TYPES = {"suite": str, "task_id": int, "init_state_id": int, "seed": int, "success": bool, "env_steps": int,
+                "error": str, "task": str, "failure": (str, type(None)), "video": (str, type(None)),
+                "latency_p50_ms": (*_NUMBER, type(None)), "latency_p95_ms": (*_NUMBER, type(None))}
+
+
+def check_record(rec: Any) -> dict[str, Any]:
+    """A result line's record with its fields of the right types (ValueError naming the field if not),
+    in today's field names. A video path must stay inside the run directory."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"a result line is a JSON object, got {type(rec).__name__}")
+    rec = upgrade(rec)
+    for name, kind in _FIELD_TYPES.items():
+        if name not in rec:
+            if name in ("suite", "task_id", "init_state_id", "seed"):
+                raise ValueError(f"result line without {name!r}")
+            continue
+        value, kinds = rec[name], kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # True is an int too
+            raise ValueError(f"{name} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}")
+    video = rec.get("video")
+    if video and (Path(video).is_absolute() or ".." in Path(video).parts):
+        raise ValueError(f"video {video!r} points outside the run directory")
+    return rec
+
+
 def read_records(path: str | os.PathLike) -> tuple[dict[tuple, dict[str, Any]], int]:
     """Every episode's newest line of a results.jsonl (or of the run directory holding one), and the
     number of torn lines skipped."""
@@ -86,12 +114,12 @@ def read_records(path: str | os.PathLike) -> tuple[dict[tuple, dict[str, Any]], 
             if not line:
                 continue
             try:
-                rec = json.loads(line)
+                rec = check_record(json.loads(line))
                 key = episode_key(rec)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                torn += 1  # a line cut short by a kill; the episode is simply re-run
+                torn += 1  # a line cut short by a kill (the episode is simply re-run), or not ours
                 continue
-            records[key] = upgrade(rec)
+            records[key] = rec
     return records, torn
 
 

@@ -112,3 +112,20 @@ def test_runs_are_found_wherever_the_root_lives_but_hidden_folders_inside_are_sk
         (root / job / "results.jsonl").write_text("")
     assert [p.relative_to(root).as_posix() for p in find_runs(root)] == ["job0", "job1"]
     assert find_runs(root / "job0") == [root / "job0"]
+
+
+def test_result_lines_of_the_wrong_types_are_skipped_and_never_reach_the_page(tmp_path):
+    """A hand-edited or foreign results.jsonl: markup in env_steps, a string task id, a boolean seed, a
+    video path outside the run. Those lines are skipped like torn ones; the good line is read; the
+    review page carries no unescaped markup."""
+    from runners.review import write_review
+
+    good = rec(0, 0, success=False)
+    bad = [{**rec(0, 1), "env_steps": "<script>alert(1)</script>"}, {**rec(0, 2), "task_id": "0"},
+           {**rec(0, 3), "seed": True}, {**rec(0, 4), "video": "../../../etc/passwd"}, ["not", "a", "record"],
+           {**rec(0, 5), "failure": {"x": 1}}]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in [good, *bad]) + "\n")
+    records, skipped = read_records(tmp_path)
+    assert list(records) == [("libero_spatial", 0, 0, 7)] and skipped == len(bad)
+    page = write_review(tmp_path).read_text()
+    assert "<script>alert" not in page and "etc/passwd" not in page
