@@ -43,6 +43,15 @@ def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
     NOT_HASHED and REMOTE_NOT_HASHED) and the policy's identity (runners/build.py policy_identity: a
     checkpoint's content, a server's model)."""
     data = result_settings(OmegaConf.to_container(cfg, resolve=True))
+    # Settings in their normal form, so two spellings of one run share a hash (a resume is not refused):
+    # the root steps and backend reach Pi0.5 as policy.num_steps and policy.backend (resolved above) and a
+    # server through its identity, and other policies do not read them; latency 100 is latency 100.0;
+    # perturb=lighting perturb.severity=0.5 is perturb.lighting.severity=0.5, defaults filled in.
+    data.pop("steps", None)
+    data.pop("backend", None)
+    latency = parse_latency(cfg.get("latency_ms", 0))
+    data["latency_ms"] = "measured" if latency is None else latency
+    data["perturb"] = perturb_specs(cfg)
     if identity is not None:
         data["policy_identity"] = identity
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

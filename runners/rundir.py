@@ -155,7 +155,9 @@ class ResultsLog:
                 raise ValueError(
                     f"{self.path} holds results of another configuration (config hash {', '.join(sorted(foreign))}, "
                     f"this run is {config_hash}). Results of different configurations are not mixed: choose a new "
-                    f"output directory (out=...), or restore the configuration those results were made with.")
+                    f"output directory (out=...), or restore the configuration those results were made with (results "
+                    f"written before 2026-12-01 hash settings differently: finish those runs with the version that "
+                    f"started them).")
             self.records = records
 
     def done(self, retry_errors: bool = True) -> set[tuple]:

@@ -52,13 +52,30 @@ def test_config_hash_is_stable_for_the_same_config(base):
     assert len(config_hash(base)) == 12 and int(config_hash(base), 16) >= 0
 
 
-@pytest.mark.parametrize("key, value", [("steps", 3), ("replan", 7), ("suite", "libero_object"),
+@pytest.mark.parametrize("key, value", [("replan", 7), ("suite", "libero_object"),
                                         ("execution", "async"), ("latency_ms", 100), ("seed", 8),
                                         ("chunking", "ensemble"), ("env__camera_size", 128),
                                         ("policy__chunk_size", 5)])
 def test_a_result_changing_setting_changes_the_hash(base, key, value):
     assert OmegaConf.select(base, key.replace("__", ".")) != value  # a real change
     assert config_hash(_with(base, **{key: value})) != config_hash(base)
+
+
+def test_steps_and_backend_change_the_hash_of_the_policy_that_reads_them_only(base):
+    pi05 = _compose(overrides=["policy=pi05"])
+    assert config_hash(_with(pi05, steps=3)) != config_hash(pi05) != config_hash(_with(pi05, backend="compile"))
+    assert config_hash(_with(base, steps=3)) == config_hash(_with(base, backend="fp8")) == config_hash(base)
+
+
+def test_two_spellings_of_one_setting_share_a_hash():
+    def h(*overrides):
+        return config_hash(_compose(overrides=list(overrides)))
+
+    assert h("execution=async", "latency_ms=100") == h("execution=async", "latency_ms=100.0")
+    assert h("execution=async", "latency_ms=100") != h("execution=async", "latency_ms=150")
+    assert h("perturb=lighting", "perturb.severity=0.5") == h("perturb=lighting", "perturb.lighting.severity=0.5")
+    assert h("perturb=lighting", "perturb.severity=0.5") != h("perturb=lighting", "perturb.severity=0.7")
+    assert h("perturb=lighting") != h()
 
 
 @pytest.mark.parametrize("key, value", [("num_envs", 16), ("videos", "all"), ("out", "/elsewhere"),
@@ -81,7 +98,7 @@ def test_a_remote_policys_address_and_credentials_do_not_change_the_hash(remote)
     for key, value in (("host", "gpu-box.example"), ("port", 9000), ("policy__host", "10.0.0.2"),
                        ("policy__port", 8123), ("policy__api_key", "s3cret"), ("policy__timeout_s", 5)):
         assert config_hash(_with(remote, **{key: value})) == h, key
-    assert config_hash(_with(remote, steps=3)) != h
+    assert config_hash(_with(remote, steps=3)) == h  # a server runs its own steps: its identity says which
     # what the server runs does change it (runners/build.py policy_identity)
     assert config_hash(remote, {"model": "pi05_libero", "steps": 10}) != config_hash(remote, {"model": "x", "steps": 10})
 
