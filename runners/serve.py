@@ -26,6 +26,12 @@ from runners.server import PolicyServer
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     policy = build_policy(cfg)  # fails before the port opens if the checkpoint is missing
+    if hasattr(policy, "prepare"):  # compile and capture every batch size now: no client's call pays for it
+        prepared = policy.prepare(int(cfg.max_batch))
+        if prepared:
+            logging.getLogger("runners.serve").info(
+                "policy ready for batch sizes %s in %.1f s (compilation and graph capture)", sorted(prepared),
+                sum(prepared.values()))
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     policy_cfg.pop("api_key", None)  # policy=remote behind this server: its upstream key is no client's business
     meta = {"policy": policy_cfg, "steps": cfg.steps, "backend": cfg.backend,

@@ -95,3 +95,24 @@ class NonDictPolicy(ZeroPolicy):
 
     def infer(self, batch):
         return "not a dict"
+
+
+class PreparingPolicy(ZeroPolicy):
+    """Records the batch size `prepare` was asked for, and every call's batch size, in `record` (a file:
+    it lives in the server process)."""
+
+    def __init__(self, record: str, **kw):
+        super().__init__(**kw)
+        self.record = record
+
+    def _log(self, line: str) -> None:
+        with open(self.record, "a") as f:
+            f.write(line + "\n")
+
+    def prepare(self, max_batch: int) -> dict[int, float]:
+        self._log(f"prepare {max_batch}")
+        return {max_batch: 0.0}
+
+    def infer(self, batch):
+        self._log(f"infer {len(batch['prompt'])}")
+        return super().infer(batch)

@@ -372,6 +372,18 @@ def test_serve_passes_api_key_and_keeps_it_out_of_the_metadata():
         assert client.infer(observation())["actions"].shape == (10, 7)
 
 
+def test_serve_prepares_the_policy_for_its_max_batch_before_it_listens(tmp_path):
+    """A compiled Pi0.5 compiles one graph per batch bucket: serve prepares them all up to max_batch
+    before the port opens, so the first clients do not wait for compilation."""
+    from serving import ServeProcess
+
+    record = tmp_path / "calls.txt"
+    with ServeProcess("policy._target_=serving.PreparingPolicy", f"+policy.record={record}", "max_batch=6") as srv:
+        assert record.read_text().splitlines() == ["prepare 6"]  # done once the server answers /healthz
+        WebsocketClientPolicy("127.0.0.1", srv.port).infer(observation())
+    assert record.read_text().splitlines() == ["prepare 6", "infer 1"]
+
+
 class _Misbehaving(ZeroPolicy):
     """Misbehaves on prompts starting with 'bad:' (how, after the colon); serves the rest."""
 
