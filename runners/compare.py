@@ -138,7 +138,10 @@ def sweep_comparisons(sweep_dir: str | Path) -> list[dict[str, Any]]:
             if setting in EPISODE_SETTINGS:
                 continue  # other episodes (another suite or seed): nothing to pair
             (a, va), (b, vb) = sorted([(run_1, v1), (run_2, v2)], key=lambda rv: _order(rv[1]))
-            out.append({"setting": setting, "a_value": va, "b_value": vb, **compare_runs(a, b, root)})
+            comparison = compare_runs(a, b, root)
+            if comparison["paired"] == 0:
+                continue  # no episode in common (other tasks or init states): a row of dashes says nothing
+            out.append({"setting": setting, "a_value": va, "b_value": vb, **comparison})
     return out
 
 

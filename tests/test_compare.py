@@ -132,3 +132,16 @@ def test_a_2x2_sweep_pairs_jobs_that_differ_in_one_setting(tmp_path):
     assert c["difference"] == pytest.approx(0.5) and c["mcnemar_p"] == pytest.approx(0.625)  # 2 * P(X <= 1), X ~ Bin(4, 1/2)
     md = markdown_table(comps)
     assert md.count("\n| steps: 1 → 3 |") == 3 and "Newcombe 1998 method 10" in md and "McNemar" in md
+
+
+def test_jobs_that_share_no_episode_are_not_compared(tmp_path):
+    """steps=1 on task 0 and steps=3 on task 1 differ in one setting but have no episode in common."""
+    root = tmp_path / "sweep"
+    write_job(root, "job0_steps=1", summary(steps=1), [True, False])
+    other = root / "job1_steps=3"
+    other.mkdir(parents=True)
+    (other / "summary.json").write_text(json.dumps(summary(steps=3)))
+    (other / "results.jsonl").write_text("".join(json.dumps(rec(1, k, True)) + "\n" for k in range(2)))
+    assert sweep_comparisons(root) == []
+    write_job(root, "job2_steps=3", summary(steps=3), [True, True])  # the same episodes as job0: compared
+    assert [(c["a"], c["b"], c["paired"]) for c in sweep_comparisons(root)] == [("job0_steps=1", "job2_steps=3", 2)]
