@@ -57,6 +57,13 @@ def result_settings(config: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in config.items() if k not in NOT_HASHED}
     if isinstance(data.get("policy"), dict):
         data["policy"] = {k: v for k, v in data["policy"].items() if k not in REMOTE_NOT_HASHED}
+    perturb = data.get("perturb")
+    if isinstance(perturb, dict) and "severity" in perturb:
+        # perturb.severity, when set, is every selected kind's severity (runners/evaluate.py perturb_specs):
+        # compare the severities the kinds ran with, not the group's two ways of saying them.
+        shared = perturb["severity"]
+        data["perturb"] = {k: ({**v, "severity": shared} if shared is not None and isinstance(v, dict) else v)
+                           for k, v in perturb.items() if k != "severity"}
     return data
 
 

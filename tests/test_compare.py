@@ -105,6 +105,12 @@ def test_settings_that_do_not_decide_results_and_mirrored_settings_are_not_diffe
     other = summary(policy={"_target_": "policy.scripted.ScriptedPolicy", "chunk_size": 10, "action_noise": 0.0})
     assert setting_differences(summary(), other) == {"policy": ("ZeroPolicy", "ScriptedPolicy")}
     assert setting_differences(summary(steps=1, replan=2), summary(steps=3, replan=3)) == {"steps": (1, 3), "replan": (2, 3)}
+    # a shared perturbation severity is the kind's severity: one setting, said two ways
+    light = {"name": "lighting", "severity": 0.5}
+    shared = summary(perturb={"lighting": light, "severity": 1.0})
+    assert setting_differences(shared, summary(perturb={"lighting": {**light, "severity": 1.0}, "severity": None})) == {}
+    assert setting_differences(shared, summary(perturb={"lighting": light, "severity": 0.5})) == {
+        "perturb.lighting.severity": (1.0, 0.5)}
 
 
 def write_job(root, name, summ, outcomes):
