@@ -92,7 +92,7 @@ class ChunkExecutor:
         self.t = 0  # steps executed this episode
         self.next_request = 0  # the step of the next request
         self.pending = 0  # requests sent whose chunk has not been added yet
-        self._waiting = 0  # ... of which synchronous (delay 0): the current step waits for them
+        self._due: list[int] = []  # ... the step by which each one's chunk must be in (oldest first)
         self._chunks: list[_Chunk] = []
         self._current: _Chunk | None = None  # replan mode: the chunk executed last
         self._gripper = OPEN_GRIPPER
@@ -106,11 +106,13 @@ class ChunkExecutor:
 
     def request_sent(self, delay: int | None = 0) -> int:
         """Book a request at the current step, whose chunk will be usable `delay` steps later (None:
-        not known before it arrives, but at least one step); returns the step (the chunk's `start`)."""
+        not known before it arrives, but at least one step); returns the step (the chunk's `start`).
+        The step `start + delay` (`start + 1` when not known) cannot execute before the chunk is added:
+        the simulated latency holds however long the call takes on the wall clock."""
         start = self.t
         self.next_request = start + self.replan
         self.pending += 1
-        self._waiting += delay == 0
+        self._due.append(start + (1 if delay is None else int(delay)))
         return start
 
     def add_chunk(self, chunk: np.ndarray, start: int | None = None, delay: int = 0) -> None:
@@ -125,19 +127,21 @@ class ChunkExecutor:
                 self.request_sent(delay)
             start = self.t
         self.pending = max(0, self.pending - 1)
-        if delay == 0:
-            self._waiting = max(0, self._waiting - 1)
+        if self._due:
+            self._due.pop(0)  # chunks come back in the order they were asked for
         self._chunks.append(_Chunk(int(start), int(start) + int(delay), chunk))
         self.stats.delays.append(int(delay))
 
     def request_failed(self) -> None:
         """A request that will get no chunk (the episode ends as an error)."""
         self.pending = max(0, self.pending - 1)
-        self._waiting = 0
+        if self._due:
+            self._due.pop(0)
 
     def blocked(self) -> bool:
-        """True while the current step waits for a synchronous (delay 0) chunk not yet added."""
-        return self._waiting > 0
+        """True while the current step waits for a chunk not yet added: a synchronous (delay 0) one, or
+        one whose simulated latency has passed while the real call is still running."""
+        return bool(self._due) and self._due[0] <= self.t
 
     def needs_chunk(self) -> bool:
         """Synchronous replanning: a request is due now (the chunk it gets is used at once)."""

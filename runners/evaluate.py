@@ -28,6 +28,7 @@ from runners import CONF_DIR
 from runners.build import PI05_TARGET, build_policy, explicit_overrides, is_remote, policy_identity
 from runners.chunking import check_chunking
 from runners.loop import EvaluationLoop, LoopSettings
+from runners.policy_thread import PolicyThread
 from runners.pool import VECTORIZATIONS, EnvPool, Episode, render_environ
 from runners.progress import Progress
 from runners.provenance import provenance
@@ -270,6 +271,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         stamp = {"git_commit": start.get("git_commit") or start.get("package_version"),
                  "checkpoint_sha256": (identity or {}).get("checkpoint_sha256"), **perturb_stamp(specs)}
         pool = None
+        policy_thread = PolicyThread()  # every call into the policy, its preparation included, runs there
+        finished = False
         try:
             t0 = time.perf_counter()
             num_envs = min(resolve_num_envs(cfg.num_envs), len(todo))
@@ -281,7 +284,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
                            command_timeout_s=worker_timeout(cfg),
                            **({"make_env": make_env} if make_env is not None else {}))
             if hasattr(policy, "prepare"):  # compiles while the simulator workers start
-                prepared = policy.prepare(pool.num_envs)
+                prepared = policy_thread.call(policy.prepare, pool.num_envs)
                 if prepared:
                     print(f"Policy ready for batch sizes {sorted(prepared)} in {sum(prepared.values()):.1f} s "
                           "(compilation and graph capture, not counted as latency)", file=sys.stderr)
@@ -289,14 +292,17 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
             pool.wait_ready()
             startup["pool_start_s"] = round(time.perf_counter() - t0, 2)
             progress = Progress(total=len(episodes), done=[results.records[e.key] for e in episodes if e.key in done])
-            policy.reset()
-            loop = EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update, stamp=stamp)
+            policy_thread.call(policy.reset)
+            loop = EvaluationLoop(policy, pool, results, settings, recorder, on_episode=progress.update, stamp=stamp,
+                                  policy_thread=policy_thread)
             t0 = time.perf_counter()
             loop.run(todo, stop_after_s=stop_after_s)
             startup["loop_s"] = round(time.perf_counter() - t0, 2)
             startup["num_envs"] = pool.num_envs
             startup["phases"] = loop.phases.as_dict()
+            finished = True
         finally:
+            policy_thread.close(wait=finished)  # unwinding (an error, Ctrl-C): a call in progress is not waited for
             if pool is not None:
                 pool.close()
             if progress is not None:

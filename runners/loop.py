@@ -1,13 +1,18 @@
 """The evaluation loop: a pool of environments, batched policy calls, chunked actions, latency.
 
-Each slot of the pool runs its episodes one after another; the loop advances all slots in ticks.
-A tick: (1) slots whose episode is due a policy request (runners/chunking.py) are gathered into ONE
-batched policy call; (2) every slot that has an action for its current step is sent it, so its
-worker steps while (3) the main thread runs the policy; (4) slots that were waiting for that call
-(synchronous execution: the chunk is used at the step it was asked for) step next; (5) the step
-replies are collected, finished episodes write their result line, and their slot is sent its next
-episode. Starting an episode (a LIBERO reset rebuilds the MuJoCo model) runs in the slot's worker
-while the other slots go on stepping; the loop waits for starts only when no slot can step.
+Each slot of the pool runs its episodes one after another, and advances on its own: as soon as a
+slot's step reply is in, it is sent its next action, unless its step needs a chunk that has not come
+back yet. Slots due a policy request (runners/chunking.py) queue it, with the observation of that
+step; whenever the policy is free, every queued request goes into ONE batched call, which runs on
+the policy's own thread (runners/policy_thread.py) while the main thread keeps the other slots
+stepping. So no slot waits for another slot's call, and the policy batches whoever is waiting
+(the queue grows while a call runs). A slot asks for its next chunk only once the previous one is
+in (real-time chunking continues it). Starting an episode (a LIBERO reset rebuilds the MuJoCo model)
+runs in the slot's worker while the other slots go on.
+
+What an episode sees does not depend on this timing: a chunk's noise depends on its episode and step
+alone (policy/libero_policy.py), and a chunk is used from the step the execution mode says, however
+long the call takes on the wall clock (a slot whose simulated latency has passed waits for it).
 
 Execution (`execution`): `sync` waits for every chunk (the simulator is frozen while the policy
 thinks, as openpi's example and lerobot-eval do); `async` keeps the simulator moving: a chunk asked
@@ -32,6 +37,7 @@ import numpy as np
 
 from policy.base import check_actions
 from runners.chunking import ChunkExecutor, delay_steps
+from runners.policy_thread import PolicyThread
 from runners.pool import EnvPool, Episode, Reply
 from runners.rundir import ResultsLog, latency_stats
 from runners.triage import Trace
@@ -91,7 +97,9 @@ class Slot:
     chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # rtc: (start, chunk) of the last one
     last_delay: int = 0  # rtc with measured latency: the estimate for the next request
     request_step: int = 0  # the step of the request in flight
-    requested_now: bool = False  # a request was sent at the current step (the video marks it)
+    request_obs: tuple = ()  # (observation, privileged state) of that step: the slot may step past it
+    requests: int = 0  # requests made (a call still running when the episode ends counts; its latency is lost)
+    requested_now: bool = False  # a request was made at the current step (the video marks it)
     failed: str = ""  # its request failed while its step was in flight: ends as an error on the reply
     trace: Trace = field(default_factory=Trace)  # privileged trace points for failure triage (runners/triage.py)
 
@@ -100,13 +108,13 @@ class Slot:
 class Phases:
     """Where the time goes (seconds): main-thread work of the loop, and the workers' own time."""
 
-    policy: float = 0.0  # the policy calls (main thread)
+    policy: float = 0.0  # the policy calls (the policy's thread)
     input_prep: float = 0.0  # building the batches (main thread)
-    wait_env: float = 0.0  # main thread waiting for step/start replies
+    wait_env: float = 0.0  # main thread waiting for step/start replies or the policy
     physics: float = 0.0  # summed over workers: stepping minus rendering
     render: float = 0.0  # summed over workers: cameras and image preparation
     reset: float = 0.0  # summed over workers: starting episodes (LIBERO reset + settle steps)
-    ticks: int = 0
+    ticks: int = 0  # rounds of the main loop (each handles whatever replies had arrived)
     env_steps: int = 0
     policy_calls: int = 0
     policy_rows: int = 0
@@ -120,8 +128,11 @@ class EvaluationLoop:
 
     def __init__(self, policy, pool: EnvPool, results: ResultsLog, settings: LoopSettings,
                  recorder: VideoRecorder | None = None, on_episode: Callable[[dict[str, Any]], None] | None = None,
-                 stamp: dict[str, Any] | None = None):
+                 stamp: dict[str, Any] | None = None, policy_thread: PolicyThread | None = None):
         self.policy, self.pool, self.results, self.s = policy, pool, results, settings
+        self.policy_thread = policy_thread  # the thread the policy was prepared on (one is made if None)
+        self._queue: list[tuple[int, Slot]] = []  # requests waiting for the policy
+        self._call: tuple[Any, list[tuple[int, Slot]], float] | None = None  # (future, rows, input prep s)
         self.stamp = dict(stamp or {})  # written on every result line (code version, checkpoint identity)
         self.recorder = recorder
         self.on_episode = on_episode or (lambda rec: None)
@@ -208,7 +219,7 @@ class EvaluationLoop:
             "sim_latency_ms": "measured" if self.s.latency_ms is None else float(self.s.latency_ms or 0.0),
             **slot.executor.metrics(),
             **latency_stats(slot.latencies_ms),
-            "policy_calls": len(slot.latencies_ms),
+            "policy_calls": slot.requests,
             "latencies_ms": [round(x, 3) for x in slot.latencies_ms],
             "video": video,
             "wall_s": round(time.monotonic() - slot.started, 3),
@@ -216,20 +227,20 @@ class EvaluationLoop:
         }
 
     # ----- policy -----------------------------------------------------------------------------------
-    def _batch(self, rows: list[int]) -> dict[str, Any]:
-        slots = [self.slots[i] for i in rows]
-        batch: dict[str, Any] = {"state": np.stack([s.obs["state"] for s in slots])}
+    def _batch(self, slots: list[Slot]) -> dict[str, Any]:
+        obs = [s.request_obs[0] for s in slots]
+        batch: dict[str, Any] = {"state": np.stack([o["state"] for o in obs])}
         if self.needs_images:
-            batch["image"] = np.stack([s.obs["image"] for s in slots])
-            batch["wrist_image"] = np.stack([s.obs["wrist_image"] for s in slots])
+            batch["image"] = np.stack([o["image"] for o in obs])
+            batch["wrist_image"] = np.stack([o["wrist_image"] for o in obs])
         else:  # privileged policies: black frames of the right shape, never rendered
             size = self.s.view
-            batch["image"] = batch["wrist_image"] = np.zeros((len(rows), size, size, 3), np.uint8)
+            batch["image"] = batch["wrist_image"] = np.zeros((len(slots), size, size, 3), np.uint8)
         batch["prompt"] = [s.task for s in slots]
         batch["episode"] = [s.episode.key for s in slots]
         batch["step"] = [s.request_step for s in slots]  # the observation's step (a stepping slot is past it)
         if self.needs_privileged:
-            batch["privileged"] = [s.privileged for s in slots]
+            batch["privileged"] = [s.request_obs[1] for s in slots]
         if self.s.execution == "rtc":
             batch.update(self._rtc_inputs(slots))
         return batch
@@ -257,57 +268,91 @@ class EvaluationLoop:
         return {"prev_actions": np.stack([np.pad(p, ((0, h - len(p)), (0, 0))) for p in prev]),
                 "prev_frozen": np.asarray(frozen), "prev_overlap": np.asarray(overlap)}
 
-    def _query(self, rows: list[int]) -> tuple[dict[int, str], float]:
-        """One batched policy call for `rows`; adds the chunks. Returns ({slot: error}, latency ms)."""
+    def _request(self, i: int) -> None:
+        """Queue slot i's request for the current step, with that step's observation."""
+        slot = self.slots[i]
+        slot.request_step = slot.executor.request_sent(self.s.fixed_delay)
+        slot.request_obs = (slot.obs, slot.privileged)
+        slot.requested_now = True
+        slot.requests += 1
+        self._queue.append((i, slot))
+
+    def _submit(self) -> None:
+        """One batched call for every queued request, on the policy's thread."""
+        rows = [(i, slot) for i, slot in self._queue if self.slots.get(i) is slot]  # ended meanwhile: dropped
+        self._queue = []
+        if not rows:
+            return
         t0 = time.perf_counter()
-        batch = self._batch(rows)
-        t1 = time.perf_counter()
+        batch = self._batch([slot for _, slot in rows])
+        prep = time.perf_counter() - t0
+        self._call = (self.policy_thread.submit(self.policy.infer, batch), rows, prep)
+
+    def _complete(self) -> None:
+        """Take the finished call's chunks (or its failure) to the slots that asked for them."""
+        future, rows, prep = self._call
+        self._call = None
+        self.policy_thread.drain()
         try:
-            out = self.policy.infer(batch)
+            out, seconds = future.result()
         except Exception as exc:  # a failing call marks its episodes; repeated failures stop the run
-            self.phases.policy += time.perf_counter() - t1
             self._policy_failures += 1
             if self._policy_failures >= MAX_CONSECUTIVE_POLICY_FAILURES:
                 raise PolicyFailure(
                     f"the policy raised on {self._policy_failures} calls in a row; last error: "
                     f"{type(exc).__name__}: {exc}") from exc
-            return {i: f"policy raised {type(exc).__name__}: {exc}" for i in rows}, 0.0
-        latency_ms = 1000.0 * (time.perf_counter() - t1)
-        self.phases.input_prep += t1 - t0
-        self.phases.policy += latency_ms / 1000.0
-        self.phases.policy_calls += 1
-        self.phases.policy_rows += len(rows)
-        self._policy_failures = 0
-        actions, errors = check_actions(out, len(rows))
-        failed = {}
+            failed = {i: f"policy raised {type(exc).__name__}: {exc}" for i, _ in rows}
+            latency_ms, actions, errors = 0.0, None, [None] * len(rows)
+        else:
+            latency_ms = 1000.0 * seconds
+            self.phases.input_prep += prep
+            self.phases.policy += seconds
+            self.phases.policy_calls += 1
+            self.phases.policy_rows += len(rows)
+            self._policy_failures = 0
+            actions, errors = check_actions(out, len(rows))
+            failed = {}
         delay = self.s.fixed_delay
         if delay is None:
             delay = max(1, delay_steps(latency_ms))  # measured: the simulator moved on meanwhile
-        for r, i in enumerate(rows):
-            slot = self.slots[i]
-            slot.latencies_ms.append(latency_ms)
-            if errors[r] is not None:
-                failed[i] = errors[r]
+        for r, (i, slot) in enumerate(rows):
+            if self.slots.get(i) is not slot:  # its episode ended meanwhile (its env failed)
                 continue
-            start = slot.request_step
-            try:
-                slot.executor.add_chunk(actions[r], start=start, delay=delay)
-            except ValueError as exc:  # e.g. a measured latency longer than the chunk: an error episode
-                failed[i] = str(exc)
-                continue
-            slot.last_delay = delay
-            slot.chunks = [(start, actions[r])]
-        return failed, latency_ms
+            if i not in failed:
+                slot.latencies_ms.append(latency_ms)
+                if errors[r] is not None:
+                    failed[i] = errors[r]
+                else:
+                    try:
+                        slot.executor.add_chunk(actions[r], start=slot.request_step, delay=delay)
+                        slot.last_delay = delay
+                        slot.chunks = [(slot.request_step, actions[r])]
+                    except ValueError as exc:  # e.g. a measured latency longer than the chunk: an error episode
+                        failed[i] = str(exc)
+            if i in failed:
+                slot.executor.request_failed()
+                if i in self.pool.busy:
+                    slot.failed = failed[i]  # ends when its step in flight comes back
+                else:
+                    self._end(i, "error", slot.executor.t, failed[i])
 
     # ----- main loop --------------------------------------------------------------------------------
     def run(self, episodes: list[Episode], stop_after_s: float | None = None) -> None:
         """Run the episodes; with `stop_after_s`, start no new episode after that many seconds (those
         running finish): a benchmark's fixed-length window."""
         self._deadline = None if stop_after_s is None else time.monotonic() + float(stop_after_s)
+        own = self.policy_thread is None
+        if own:
+            self.policy_thread = PolicyThread()
+        finished = False
         try:
             self._run(episodes)
+            finished = True
         finally:
             self._flush(wait=True)
+            if own:
+                self.policy_thread.close(wait=finished)
+                self.policy_thread = None
 
     def _step(self, i: int) -> None:
         """Send slot i its action for the current step, asking for what the next step's observation
@@ -315,6 +360,7 @@ class EvaluationLoop:
         slot = self.slots[i]
         if slot.video is not None and "image" in slot.obs and slot.executor.t % self.s.video_stride == 0:
             slot.video.add(slot.obs["image"], slot.obs["wrist_image"], slot.executor.t, slot.requested_now)
+        slot.requested_now = False
         action, _ = slot.executor.next_action()
         t = slot.executor.t  # the step the reply's observation belongs to
         request_next = t >= slot.executor.next_request
@@ -323,47 +369,58 @@ class EvaluationLoop:
         self.pool.send_step(i, action, render=render, privileged=request_next and self.needs_privileged,
                             trace=request_next)  # a replan reads the next observation: trace it
 
+    def _advance(self, i: int) -> None:
+        """An idle slot: queue its request if one is due, and step it unless its step needs a chunk that
+        is not in yet."""
+        ex = self.slots[i].executor
+        if ex.wants_request():
+            if ex.pending:  # the previous chunk must be in before the next request (rtc continues it)
+                return
+            self._request(i)
+        if not ex.blocked():
+            self._step(i)
+
+    def _wait(self) -> list[Reply]:
+        """The replies that are in; blocks (when there are none and the policy is still thinking) until
+        a reply arrives or the call finishes."""
+        replies = self.pool.collect(timeout=0.0)
+        call_done = self._call is not None and self._call[0].done()
+        if replies or call_done:
+            return replies
+        busy = bool(self.pool.busy)
+        if self._call is not None:
+            if busy:
+                return self.pool.collect(timeout=None, wake=[self.policy_thread.ready])
+            self._call[0].exception()  # waits for the call (its error is taken by _complete)
+            return []
+        if not busy:
+            raise RuntimeError("evaluation loop stalled: no simulator command and no policy call in flight "
+                               f"(slots {sorted(self.slots)}, starting {sorted(self.starting)}); please report")
+        return self.pool.collect(timeout=None)
+
     def _run(self, episodes: list[Episode]) -> None:
         todo = deque(episodes)
         n = self.pool.num_envs
         for i in range(min(n, len(todo))):
             self._start(i, todo)
-        while self.slots or self.starting:
+        while self.slots or self.starting or self._call is not None:
             self._flush()
             self.phases.ticks += 1
-            # Requests due now, and the slots that can step without waiting for them.
-            request = []
-            for i, slot in sorted(self.slots.items()):
-                slot.requested_now = False
-                if slot.executor.wants_request():
-                    slot.request_step = slot.executor.request_sent(self.s.fixed_delay)
-                    slot.requested_now = True
-                    request.append(i)
-            stepping = [i for i, s in self.slots.items() if not s.executor.blocked()]
-            for i in stepping:
-                self._step(i)
-            failed = {}
-            if request:
-                failed, _ = self._query(request)
-            for i, err in failed.items():
-                self.slots[i].executor.request_failed()
-                if i not in stepping:
-                    self._end(i, "error", self.slots[i].executor.t, err)
-                else:
-                    self.slots[i].failed = err  # ends when its in-flight step comes back
-            waiting = [i for i in request if i in self.slots and i not in stepping]
-            for i in waiting:
-                self._step(i)
+            for i in sorted(self.slots):
+                if i not in self.pool.busy:
+                    self._advance(i)
+            if self._call is None and self._queue:
+                self._submit()
             t0 = time.perf_counter()
-            busy_steps = set(stepping) | set(waiting)
-            # Wait for every step; starts are collected as they finish (blocking only if nothing steps).
-            replies = self.pool.collect(wait_for=busy_steps, timeout=0.0 if busy_steps else None)
+            replies = self._wait()
             self.phases.wait_env += time.perf_counter() - t0
             for r in sorted(replies, key=lambda r: r.slot):
                 if r.kind == "start":
                     self._started(r)
                 else:
                     self._stepped(r)
+            if self._call is not None and self._call[0].done():  # after the replies: a slot ended by
+                self._complete()  # its env is not also ended by a failed call
             for i in range(n):
                 if self._deadline is not None and time.monotonic() > self._deadline:
                     todo.clear()

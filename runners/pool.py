@@ -300,23 +300,31 @@ class EnvPool:
                   trace: bool = False) -> None:
         self._send(slot, "step", (np.asarray(action, dtype=np.float32), bool(render), bool(privileged), bool(trace)))
 
-    def collect(self, wait_for: set[int] | None = None, timeout: float | None = 0.0) -> list[Reply]:
+    def collect(self, wait_for: set[int] | None = None, timeout: float | None = 0.0,
+                wake: list | None = None) -> list[Reply]:
         """The replies that have arrived. Blocks until every slot in `wait_for` has answered (or, with
-        `wait_for` empty/None, until at least one reply is in when `timeout` is None)."""
+        `wait_for` empty/None, until at least one reply is in when `timeout` is None). `wake`: more
+        connections (e.g. the policy thread's, runners/policy_thread.py) whose readiness ends a block
+        early; they are not read here."""
         wait_for = set(wait_for or ()) & self.busy
+        wake = list(wake or ())
         replies: list[Reply] = []
         if self.sync:
             replies, self._done = self._done, []
         else:
             block = timeout is None and not wait_for
+            woken = False
             while True:
                 wait_s = None if (wait_for or block) else timeout
                 if self.busy:  # wake up for the first command past its deadline
                     first = min(self._inflight[i][2] for i in self.busy) - time.monotonic()
                     wait_s = max(0.0, first) if wait_s is None else min(wait_s, max(0.0, first))
                     wait_s = None if wait_s == float("inf") else wait_s
-                ready = mp.connection.wait([self._conns[i] for i in self.busy], timeout=wait_s)
+                ready = mp.connection.wait([self._conns[i] for i in self.busy] + wake, timeout=wait_s)
                 for conn in ready:
+                    if any(conn is w for w in wake):
+                        woken = True
+                        continue
                     slot = self._conns.index(conn)
                     try:
                         replies.append(conn.recv())
@@ -330,7 +338,7 @@ class EnvPool:
                     replies.append(self._replace(slot, f"did not answer within {self._command_timeout_s:g} s "
                                                        "(hung) and was killed"))
                     wait_for.discard(slot)
-                block = block and not replies
+                block = block and not replies and not woken
                 if not wait_for and not block:
                     break
         for r in replies:

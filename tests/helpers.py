@@ -63,11 +63,14 @@ class ChunkPolicy:
 
     needs_privileged = False
 
-    def __init__(self, chunk_size: int = 8, nan_for: str | None = None, supports_rtc: bool = False):
+    def __init__(self, chunk_size: int = 8, nan_for: str | None = None, supports_rtc: bool = False,
+                 delay_s: float = 0.0):
         self.chunk_size = chunk_size
         self.nan_for = nan_for
+        self.delay_s = delay_s  # each call takes this long on the wall clock (a slow model)
         self.supports_rtc = supports_rtc  # records the real-time chunking inputs (it does not use them)
         self.calls: list[dict] = []
+        self.times: list[tuple[float, float]] = []  # (began, ended) of each call, time.monotonic()
         self.prompts: dict[str, int] = {}
 
     @staticmethod
@@ -77,10 +80,16 @@ class ChunkPolicy:
     def infer(self, batch):
         n = len(batch["prompt"])
         assert batch["image"].shape[0] == n and batch["state"].shape == (n, 8)
+        import time
+
         call = len(self.calls)
+        began = time.monotonic()
+        time.sleep(self.delay_s)
         self.calls.append({"prompts": list(batch["prompt"]), "n": n, "steps": list(batch.get("step", [])),
+                           "episodes": list(batch.get("episode", [])),
                            "prev_actions": batch.get("prev_actions"), "prev_frozen": batch.get("prev_frozen"),
                            "prev_overlap": batch.get("prev_overlap")})
+        self.times.append((began, time.monotonic()))
         actions = np.zeros((n, self.chunk_size, 7))
         actions[..., -1] = -1
         for r, prompt in enumerate(batch["prompt"]):

@@ -43,6 +43,13 @@ def test_a_step_waiting_for_its_synchronous_chunk_raises_and_an_uncovered_step_h
     ex.request_sent(delay=3)
     action, held = ex.next_action()
     assert held and np.array_equal(action, [0, 0, 0, 0, 0, 0, -1]) and ex.stats.held_steps == 1
+    # ... until the simulated latency has passed: step 3 cannot execute before the chunk is in, however
+    # long the real call takes (the loop steps other slots meanwhile)
+    ex.next_action(), ex.next_action()
+    assert ex.t == 3 and ex.blocked()
+    ex.add_chunk(chunk(0, n=5), start=0, delay=3)
+    action, held = ex.next_action()
+    assert not held and np.array_equal(action, chunk(0, n=5)[3])
 
 
 def test_unknown_mode_lists_the_choices():

@@ -143,7 +143,9 @@ def test_timeouts_become_error_episodes_not_a_hang(tmp_path):
             self.steps[slot] += 1
             self.replies.append(Reply(slot, "step", self._obs(), info={"step": self.steps[slot], "error": ""}))
 
-        def collect(self, wait_for=None, timeout=0.0):
+        busy = frozenset()  # every command is answered at once
+
+        def collect(self, wait_for=None, timeout=0.0, wake=None):
             out, self.replies = self.replies, []
             return out
 

@@ -235,11 +235,14 @@ def test_a_slow_reset_does_not_stall_the_other_slots(tmp_path):
     assert sorted(r["init_state_id"] for r in lines(tmp_path / "run")) == [0, 1]
 
 
-def test_async_execution_timing_at_the_env(tmp_path):
+@pytest.mark.parametrize("call_s", [0.0, 0.25], ids=["instant", "slow"])
+def test_async_execution_timing_at_the_env(tmp_path, call_s):
     """latency_ms=100 is 2 steps at 20 Hz: the env holds for 2 steps, then gets each chunk's actions from
-    index 2 on; requests every `replan` steps; recorded at the env itself."""
+    index 2 on; requests every `replan` steps; recorded at the env itself. The simulated latency holds
+    however long the call takes on the wall clock (`slow`: 5 steps' worth): the step a chunk is due
+    waits for it."""
     helpers.LOGS.clear()
-    policy = ChunkPolicy(chunk_size=8)
+    policy = ChunkPolicy(chunk_size=8, delay_s=call_s)
     cfg = config("tasks=[0]", "init_states=[0]", "replan=3", "execution=async", "latency_ms=100", *FAST)
     evaluate(cfg, tmp_path, policy=policy, make_env=helpers.make_logged_env)
     (log,) = helpers.LOGS
@@ -256,6 +259,30 @@ def test_async_execution_timing_at_the_env(tmp_path):
     (rec,) = lines(tmp_path)
     assert rec["execution"] == "async" and rec["sim_latency_ms"] == 100.0 and rec["delay_steps"] == 2
     assert rec["held_steps"] == 2 and rec["policy_calls"] == 4 and rec["chunk_boundary_jump"] is not None
+
+
+def test_slots_with_actions_step_while_the_policy_thinks_for_another(tmp_path):
+    """Two simulator processes whose requests fall at different times (one starts 1 s late) and a policy
+    that takes 0.4 s a call: while a call runs for one slot's request, the other slot goes on executing
+    its chunk (a loop in lockstep would let it take one step per call at most)."""
+    import functools
+
+    events = tmp_path / "events.txt"
+    make = functools.partial(helpers.make_event_env, path=str(events), slow=(1,), delay_s=1.0)
+    policy = ChunkPolicy(chunk_size=8, delay_s=0.4)
+    policy.needs_images = False  # cameras off: the loop sends black frames
+    cfg = config("tasks=[0]", "init_states=[0,1]", "num_envs=2", "replan=5", "env.cameras=false", "max_steps=30",
+                 "vectorization=async", "videos=none", "env.camera_size=64", "env.image_size=64")
+    evaluate(cfg, tmp_path / "run", policy=policy, make_env=make)
+    steps = [(int(k), float(t)) for e, k, t in (line.split() for line in events.read_text().splitlines()) if e == "step"]
+    during = []  # for each call: steps of the init states NOT in it, taken while it ran
+    for c, (began, ended) in zip(policy.calls, policy.times):
+        inside = {ep[2] for ep in c["episodes"]}
+        during.append(sum(1 for k, t in steps if k not in inside and began < t < ended))
+    assert max(during) >= 3, during
+    recs = lines(tmp_path / "run")
+    assert sorted(r["init_state_id"] for r in recs) == [0, 1] and all(r["error"] == "" for r in recs)
+    assert all(r["env_steps"] == 30 and r["policy_calls"] == 6 for r in recs)
 
 
 def test_async_with_zero_latency_is_bit_identical_to_sync(tmp_path):
