@@ -59,6 +59,9 @@ tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], **kw)' "$t" "$E2E_HOME
   done
   for p in "${pids[@]}"; do wait "$p"; done
   python3 "$HERE/textures.py" unpack "$E2E_HOME/site"
+  # bytecode now, as pip does at install time: otherwise every simulator worker compiles robosuite and
+  # prints its SyntaxWarnings (invalid escapes in docstrings) on the run's stderr
+  python3 -W ignore -m compileall -q -j 0 "$E2E_HOME/site" > /dev/null 2>&1 || true
 
   # LIBERO reads LIBERO_CONFIG_PATH/config.yaml: name the unpacked tree explicitly (no prompt, no write)
   L="$E2E_HOME/site/libero/libero"
