@@ -17,9 +17,9 @@ args="policy=pi05 policy.checkpoint=random backend=compile suite=libero_spatial 
 new=$PWD
 {
 echo "[ab] new $(cat .COMMIT 2>/dev/null) old $(cat .cache/old_loop/.COMMIT 2>/dev/null) num_envs=$n limit=${limit}s"
-(cd .cache/old_loop && PYTHONPATH="$E2E_HOME/site:$PWD" timeout 330 python -m runners.bench_eval $args out=/tmp/runs/old \
+(cd .cache/old_loop && PYTHONPATH="$E2E_HOME/site:$PWD" timeout 340 python -m runners.bench_eval $args out=/tmp/runs/old \
     2>&1 | grep -v "SyntaxWarning\|__logo__" | tail -4)
 cp /tmp/runs/old/bench_eval.json "$out/bench_eval_old_loop.json"
-(cd "$new" && timeout 260 python -m runners.bench_eval $args out=/tmp/runs/new 2>&1 | grep -v "SyntaxWarning\|__logo__" | tail -4)
+(cd "$new" && timeout 230 python -m runners.bench_eval $args out=/tmp/runs/new 2>&1 | grep -v "SyntaxWarning\|__logo__" | tail -4)
 cp /tmp/runs/new/bench_eval.json "$out/bench_eval_new_loop.json"
 } 2>&1 | tee "$out/session.log"
