@@ -18,12 +18,12 @@ args="policy=pi05 policy.checkpoint=random backend=compile suite=libero_spatial 
 new=$PWD
 {
 echo "[ab] new $(cat .COMMIT 2>/dev/null) old $(cat .cache/old_loop/.COMMIT 2>/dev/null) num_envs=$n limit=${limit}s"
-for which in ${ORDER:-old new}; do  # the first pays the cold compilation and the simulator's numba JIT
-  if [ "$which" = old ]; then dir=.cache/old_loop; t=340; else dir=.; t=${NEW_TIMEOUT:-230}; fi
-  [ "$which" = old ] && [ "${ORDER:-old new}" != "old new" ] && t=230
-  [ "$which" = new ] && [ "${ORDER:-old new}" != "old new" ] && t=340
+t=340  # the first run pays the cold compilation and the simulator's numba JIT; the second gets less
+for which in ${ORDER:-old new}; do
+  if [ "$which" = old ]; then dir=.cache/old_loop; else dir=.; fi
   (cd "$dir" && PYTHONPATH="$E2E_HOME/site:$PWD" timeout $t python -m runners.bench_eval $args out=/tmp/runs/$which \
       2>&1 | grep -v "SyntaxWarning\|__logo__" | tail -4)
   cp /tmp/runs/$which/bench_eval.json "$out/bench_eval_${which}_loop.json"
+  t=230
 done
 } 2>&1 | tee "$out/session.log"
