@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runners import CONF_DIR
 from runners.evaluate import output_dir, evaluate, plan_episodes
-from runners.rundir import write_json
+from runners.rundir import RESULTS_FILE, write_json
 
 RESULT_FILE = "bench_eval.json"
 
@@ -115,6 +115,10 @@ def _phases(summary: dict[str, Any]) -> dict[str, Any]:
 def bench(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from runners.provenance import provenance
 
+    done = [d / RESULTS_FILE for d in (out / "main", out / "serial") if (d / RESULTS_FILE).is_file()]
+    if done:  # an evaluation resumes a run directory: its rates would count episodes of the earlier run
+        raise ValueError(f"{done[0]} already holds results, and a benchmark must time a fresh run: choose a new "
+                         "out= (the default is a new time-stamped folder); nothing was changed there")
     t0 = time.perf_counter()
     limit = cfg.get("time_limit_s")
     with GpuSampler() as gpu:
