@@ -10,7 +10,8 @@ one environment, rendered every step, the simulator waiting for every policy cal
 
     episodes_per_hour, env_steps_per_s        the main run's loop (start-up excluded), and `wall_s`
     serial_episodes_per_hour, speedup_vs_serial
-    phases   seconds: policy, input_prep, wait_env (main thread); physics, render, reset (summed over
+    phases   seconds: policy (its own thread, overlapping the rest), input_prep and wait_env (main thread
+             blocked on replies or the policy); physics, render, reset (summed over
              workers) and worker_idle (per worker, on average); cold start: policy_build, policy_prepare
              (compilation per batch bucket), pool_start
     gpu_util GPU utilisation and memory sampled every 0.5 s while the main run's loop ran (NVML)

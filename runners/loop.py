@@ -12,7 +12,11 @@ runs in the slot's worker while the other slots go on.
 
 What an episode sees does not depend on this timing: a chunk's noise depends on its episode and step
 alone (policy/libero_policy.py), and a chunk is used from the step the execution mode says, however
-long the call takes on the wall clock (a slot whose simulated latency has passed waits for it).
+long the call takes on the wall clock (a slot whose simulated latency has passed waits for it). One
+caveat, as in any batched evaluation: which requests share a call does depend on timing, and on a
+GPU a row's actions can differ in the last bits with the batch size its call ran at (bf16 kernels
+differ by shape); exact on the CPU in fp32. `latency_ms=measured` uses the call's own wall time, not
+the time its request waited behind an earlier call.
 
 Execution (`execution`): `sync` waits for every chunk (the simulator is frozen while the policy
 thinks, as openpi's example and lerobot-eval do); `async` keeps the simulator moving: a chunk asked

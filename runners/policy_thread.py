@@ -8,44 +8,79 @@ per-thread state, and a graph captured on one thread is replayed on the same one
 the network wait of a remote policy release the GIL, so the loop goes on meanwhile.
 
 A finished call makes the thread's connection readable, so the loop can wait on the simulators'
-replies and the policy at once (`EnvPool.collect(wake=[thread.ready])`).
+replies and the policy at once (`EnvPool.collect(wake=[thread.ready])`). The byte is written before
+the call's future completes, so whoever sees the future done finds exactly one byte to read (a byte
+written after, as a done-callback would, could be left over and wake the loop's next waits at once,
+spinning it for a whole call).
+
+A plain daemon thread, not concurrent.futures' executor: the executor's threads are joined when the
+interpreter exits, so Ctrl-C or SIGTERM during a long call (a hung GPU call, a remote policy waiting
+out its timeout) would hold the process until the call ends.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable
 
 
 class PolicyThread:
     def __init__(self):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
-        self.ready, self._signal = mp.Pipe(duplex=False)  # readable once a submitted call has finished
+        self.ready, self._signal = mp.Pipe(duplex=False)  # one byte per finished submitted call
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="policy", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args, signal = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                value = fn(*args)
+            except BaseException as exc:  # handed to whoever waits on the future
+                self._wake(signal)
+                future.set_exception(exc)
+            else:
+                self._wake(signal)
+                future.set_result(value)
+
+    def _wake(self, signal: bool) -> None:
+        if not signal:
+            return
+        try:
+            self._signal.send_bytes(b"1")
+        except OSError:  # closed: nobody waits any more
+            pass
+
+    def _put(self, fn: Callable, args: tuple, signal: bool) -> Future:
+        if not self._thread.is_alive():
+            raise RuntimeError("the policy thread has been closed")
+        future: Future = Future()
+        self._jobs.put((future, fn, args, signal))
+        return future
 
     def call(self, fn: Callable, *args) -> Any:
         """Run fn(*args) on the policy's thread and wait for it (preparation, resets)."""
-        return self._executor.submit(fn, *args).result()
+        return self._put(fn, args, signal=False).result()
 
     def submit(self, fn: Callable, *args) -> Future:
         """Start fn(*args) on the policy's thread; the future's result is (value, seconds it ran), so
-        the time spent queued behind nothing is never counted as the policy's."""
+        the time a request spent queued is never counted as the policy's."""
 
         def timed():
             t0 = time.perf_counter()
             value = fn(*args)
             return value, time.perf_counter() - t0
 
-        future = self._executor.submit(timed)
-        future.add_done_callback(self._wake)
-        return future
-
-    def _wake(self, _future: Future) -> None:
-        try:
-            self._signal.send_bytes(b"1")
-        except OSError:  # closed: nobody waits any more
-            pass
+        return self._put(timed, (), signal=True)
 
     def drain(self) -> None:
         """Read the finished-call signals that arrived (call once a finished future is consumed)."""
@@ -53,12 +88,13 @@ class PolicyThread:
             self.ready.recv_bytes()
 
     def close(self, wait: bool = True) -> None:
-        """Stop the thread; `wait=False` (the loop is unwinding from an error or Ctrl-C) does not wait
-        for a call in progress, which finishes on its own."""
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+        """Stop the thread once its queued work is done; `wait=False` (the loop is unwinding from an
+        error or Ctrl-C) returns at once, and a call in progress no longer holds the process's exit."""
+        self._jobs.put(None)
         if wait:
-            self.ready.close()
-            self._signal.close()
+            self._thread.join()
+        self.ready.close()
+        self._signal.close()
 
     def __enter__(self) -> "PolicyThread":
         return self
