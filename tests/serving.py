@@ -26,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> bool:
+    """Wait until the server on `port` answers /healthz; False if `proc` exits or time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
 def observation(seed=0, prompt="pick up the black bowl and place it on the plate"):
     rng = np.random.default_rng(seed)
     return {"observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
@@ -48,18 +61,12 @@ class ServeProcess:
         # its log goes to a file: an unread pipe fills up and the server then blocks on logging
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.kill()
-                    log = self.output()
-                    self.log.close()
-                    raise RuntimeError(f"server did not come up:\n{log}")
-                time.sleep(0.1)
+        if wait_healthy(self.port, self.proc):
+            return self
+        self.kill()
+        log = self.output()
+        self.log.close()
+        raise RuntimeError(f"server did not come up:\n{log}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -164,19 +164,14 @@ def _free_port():
 
 
 def test_sigterm_answers_requests_in_flight_then_exits():
+    from serving import wait_healthy
+
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runners.serve", "policy=zero", "+policy.delay_s=1.0",
                              "host=127.0.0.1", f"port={port}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
-                time.sleep(0.2)
+        assert wait_healthy(port, proc), "server did not come up"
         client = WebsocketClientPolicy("127.0.0.1", port)
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("reply", client.infer(observation())))
