@@ -151,7 +151,7 @@ def test_fused_layer_equals_the_compile_backends_expert_layer():
 
 
 def test_a_kernel_that_fails_falls_back_to_its_reference_and_says_so(monkeypatch):
-    def broken(*args):
+    def broken(*args, **kw):
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setitem(et.KERNELS, "geglu", (broken, et.geglu_reference))
@@ -165,8 +165,8 @@ def test_a_kernel_that_fails_falls_back_to_its_reference_and_says_so(monkeypatch
 
 
 def test_a_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch):
-    def wrong(x, w, scale, shift, out, eps):
-        et.geglu(x, w, scale, shift, out, eps)
+    def wrong(x, w, scale, shift, out, eps, **kw):
+        et.geglu(x, w, scale, shift, out, eps, **kw)
         out.mul_(1.5)
 
     monkeypatch.setitem(et.KERNELS, "geglu", (wrong, et.geglu_reference))
@@ -235,8 +235,39 @@ def test_bf16_sampler_with_triton_expert_kernels_stays_as_close_to_eager_as_the_
         assert all(s.startswith("ok") for s in fused.kernel_status.values()), fused.kernel_status
 
 
-def test_autotune_skips_64_row_blocks_for_one_observation():
+def test_autotune_splits_k_for_one_observation_and_loops_over_k_for_more_rows():
     full = et.CONFIGS
-    assert et.prune_configs(full, {}, M=10) == [c for c in full if c.kwargs["BLOCK_M"] == 16]
-    assert et.prune_configs(full, {"M": 10}) == et.prune_configs(full, {}, M=10)  # older Triton: positional args
-    assert et.prune_configs(full, {}, M=160) == full and et.prune_configs(full, {}) == full
+    split = [c for c in full if c.kwargs["SPLIT_K"]]
+    assert split and all(c.kwargs["BLOCK_M"] == 16 for c in split)
+    assert et.prune_configs(full, {}, M=10) == split
+    assert et.prune_configs(full, {"M": 10}) == split  # older Triton: positional args
+    assert et.prune_configs(full, {}, M=160) == [c for c in full if not c.kwargs["SPLIT_K"]]
+    assert et.prune_configs(full, {}) == full
+
+
+def test_split_k_reduction_is_deterministic_and_leaves_its_counters_at_zero():
+    """Eight K slices per tile, reduced by the program that completes the tile; a second launch on the
+    same scratch (as a graph replay) finds the counters back at zero and gives the same bits."""
+    rows, n, k = 10, 48, 256  # 3 column tiles x 8 slices of 32
+    a, res, gate = _rand(rows, k, seed=30).to(torch.bfloat16), _rand(rows, n, seed=31).to(torch.bfloat16), _rand(n, seed=32)
+    w = _rand(n, k, scale=k ** -0.5, seed=33).to(torch.bfloat16)
+    scratch = et.Scratch()
+    outs = []
+    for _ in range(2):
+        out = torch.full((rows, n), 5.0, dtype=torch.bfloat16)
+        et.gated_residual(a, w, res, gate, out, scratch=scratch)
+        outs.append(out)
+        ws, cnt = scratch.get(a.device, 0, 0)
+        assert not cnt.any(), "every tile's counter is reset by the program that reduced it"
+    ref = torch.zeros_like(outs[0])
+    et.gated_residual_reference(a, w, res, gate, ref)
+    assert torch.equal(outs[0], outs[1]) and close(outs[0], ref)
+
+
+def test_scratch_grows_without_freeing_what_captured_graphs_point_at():
+    scratch = et.Scratch()
+    ws, cnt = scratch.get(torch.device("cpu"), 100, 4)
+    assert scratch.get(torch.device("cpu"), 50, 2)[0] is ws  # enough room: the same buffer
+    ws2, cnt2 = scratch.get(torch.device("cpu"), 1000, 4)
+    assert ws2.numel() >= 1000 and ws2 is not ws and not cnt2.any()
+    assert any(old[0] is ws for old in scratch._retired)  # still referenced: a graph may use it

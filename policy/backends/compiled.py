@@ -289,8 +289,9 @@ class CompiledSampler:
         hd = self.cfg.head_dim
         if self.device.type != "cuda" and not expert_triton.INTERPRET:
             raise ValueError("expert_kernels='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
-        if self.device.type == "cuda" and (hd // 2) % 32:
-            raise ValueError(f"expert_kernels='triton' needs head_dim / 2 to be a multiple of 32, got head_dim {hd}")
+        if self.device.type == "cuda" and (hd // 2) % expert_triton.WIDEST_N:
+            raise ValueError(f"expert_kernels='triton' needs head_dim / 2 to be a multiple of {expert_triton.WIDEST_N}, "
+                             f"got head_dim {hd}")
         return expert_triton.ExpertKernels(self.cfg.num_heads, self.cfg.norm_eps, attention)
 
     @property

@@ -1,42 +1,59 @@
 """Fused Triton kernels for the action expert's denoising step: the `expert_kernels="triton"` option of
 the `compile` and `fp8` backends (policy/backends/compiled.py), with a pure-torch reference of each fusion.
 
-Why: at batch 1 a step is 18 layers over 10 action tokens; cuBLAS runs the four weight products of a
-layer (34.6 MB of bf16) at 10 rows in ~27 us where the H200's bandwidth allows ~8-12 us, and the
-norm / RoPE / gate kernels between them add launches and gaps. Here a layer is four weight-streaming
-kernels plus the attention (three inductor kernels, as in the inductor path):
+Why: at batch 1 a step is 18 layers over 10 action tokens. The four weight products of a layer (34.6 MB
+of bf16) stream in ~8 us at the H200's bandwidth, but as cuBLAS calls with norm / RoPE / gate kernels
+between them a layer takes ~45 us: each small kernel pays its launch, a ramp-up, a serial chain of
+memory round trips and a tail. A layer here is five kernels:
 
-  qkv_rope:       h = rms(x) * (1 + scale1) + shift1 (fp32 stats, each program recomputes its rows'
-                  RMS: 10 x 1024 values from L2) -> h @ Wqkv^T -> RoPE on q and k -> q into a
+  qkv_rope:       h = rms(x) * (1 + scale1) + shift1 -> h @ Wqkv^T -> RoPE on q and k -> q into a
                   (M, H * hd) buffer, k and v straight into the static KV cache after the prefix
-  attention:      q over [prefix K/V ; own K/V]: the compiled matmul + softmax + matmul (default), or
-                  with expert_attention="triton" a split-key kernel (one 64-key block and 16 query
-                  rows per program: a small accumulator at head_dim 256) and a kernel merging the splits
+  attention:      q (10 tokens x 8 heads share the one K/V head) over [prefix K/V ; own K/V], split over
+                  key blocks (flash-decoding), the splits merged by the block that finishes last
   gated_residual: x1 = x + gate1 * (attn @ Wo^T)
   geglu:          h = rms(x1) * (1 + scale2) + shift2 -> gelu_tanh(h @ Wg^T) * (h @ Wu^T)
   gated_residual: x2 = x1 + gate2 * (hidden @ Wd^T)
 
-Each program owns BLOCK_N output columns (two column blocks for RoPE pairs (d, d + hd/2) and for
-(gate, up) pairs) for BLOCK_M rows, streams its weight rows once over K, and accumulates in fp32 with
-`tl.dot` (rows padded to 16: the tensor-core minimum). Weights may be FP8 (e4m3, per-tensor scale,
-the `fp8` backend's expert MLP): they are converted to bf16 in registers after the load, so FP8 halves
-the bytes streamed; the activations stay bf16 (weight-only quantization, unlike `_scaled_mm`).
-Roundings follow the eager model: each product rounds to the model dtype before its epilogue.
+How each kernel gets close to its bytes (one observation, M = 10 rows):
+* split-K: a program owns BLOCK_N output columns (two column blocks for RoPE pairs (d, d + hd/2) and for
+  (gate, up) pairs) and ONE BLOCK_K slice of K, so a product runs as 300-600 programs that each load
+  one weight tile at once (one memory round trip, many in flight) instead of 64-256 programs looping
+  over K. Partial sums go to a workspace; the program that finishes a tile's last slice (a per-tile
+  counter, reset by that program) sums the slices in a fixed order (deterministic) and runs the
+  epilogue. With more rows (batch > 1) a program loops over K instead (no workspace).
+* the adaRMS norm needs no pass of its own: h @ W^T = rstd * ((x * (1 + scale)) @ W^T) + shift @ W^T, so
+  each slice also returns its partial sum of squares and shift @ W^T, and the epilogue applies rstd.
+* programmatic dependent launch (Hopper; `launch_pdl`): a kernel starts while the previous one is
+  finishing and loads its weight tile (and everything else that does not depend on the previous
+  kernel: the prefix's K/V, masks, modulations) before `gdc_wait`; its launch and its weight loads
+  hide behind the previous kernel's tail. Everything written by earlier kernels, the workspace and the
+  counters included, is touched only after the wait.
 
-On a GPU the products are autotuned over a few block shapes per (M, N, K) at warm-up. Without CUDA
-the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), which is
-how CI checks their maths on the CPU, in fp32 and in bf16: the interpreter cannot multiply bf16 dot
-operands (they are multiplied as fp32 there: the same products and fp32 sums) and truncates casts to
-bf16 (`_rnd` rounds to nearest even by hand there), so its bf16 results equal the GPU's roundings. `ExpertKernels` checks every kernel against its torch
-reference on its first call (warm-up, before graph capture) and falls back to the reference, with a
-warning and a note in `status`, if the kernel fails to build or disagrees.
+Rounding: products accumulate in fp32 and round to the model dtype before their epilogue, as F.linear
+does; x * (1 + scale) is rounded to the model dtype as the tensor-core operand where the eager model
+rounds h itself, so bf16 results differ from the references by bf16 roundings (the checks' tolerance).
+Weights may be FP8 (e4m3, per-tensor scale, the `fp8` backend's expert MLP): converted to bf16 in
+registers after the load, so FP8 halves the bytes streamed (weight-only quantization).
+
+On a GPU the products are autotuned over a few block shapes per (M, N, K) at warm-up. Without CUDA the
+kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how CI
+checks their maths on the CPU, in fp32 and in bf16, both the split-K path (10 rows) and the K loop (more
+rows): the interpreter multiplies bf16 dot operands as fp32 (the same products and fp32 sums) and
+truncates casts to bf16 (`_rnd` rounds to nearest even by hand there). It runs programs one after
+another, so it checks the reduction's arithmetic, not its memory ordering (the GPU tests do).
+`ExpertKernels` checks every kernel against its torch reference on its first call (warm-up, before
+graph capture) and falls back to the reference, with a warning and a note in `status`, if the kernel
+fails to build or disagrees.
 
 References: Triton's matmul tutorial (tutorials/03-matrix-multiplication.py) for the tiling; gpt-fast
-and "Flash-Decoding" for weight-streaming skinny products; openpi gemma.py for the layer maths.
+and "Flash-Decoding" for weight-streaming skinny products and split-key attention; CUTLASS's split-K
+"serial reduction" (a semaphore per output tile) for the last-program reduction; CUDA's programmatic
+dependent launch and Triton's `tl.extra.cuda.gdc_wait`; openpi gemma.py for the layer maths.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -53,15 +70,21 @@ log = logging.getLogger(__name__)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GELU_C = math.sqrt(2.0 / math.pi)
 
-# Block shapes tried at warm-up on a GPU (autotune keyed on M, N, K). BLOCK_N 16/32 gives 64-256
-# programs per product at N = 1024-8192 for the H200's 132 SMs; BLOCK_M 64 is for batch 16 (160 rows)
-# and is not even compiled for one observation (10 rows): see prune_configs.
+# Block shapes tried at warm-up on a GPU (autotune keyed on M, N, K; prune_configs keeps the split-K
+# shapes for one observation and the K-loop shapes for more rows). Split-K, 10 rows: BLOCK_K 128-256
+# gives 4-32 slices, 300-600 programs for the H200's 132 SMs, one (BLOCK_N, BLOCK_K) weight tile each.
 CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": True}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": True}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": True}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": True}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": False}, num_warps=8, num_stages=3),
 ]
+SPLIT_ROWS = 16  # up to this many rows the products split K; beyond, a program loops over K
+WIDEST_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)  # q|k|v tiles hold RoPE pairs: head_dim / 2 must divide by it
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}  # small blocks: the interpreter runs programs one by one
 
 
 # ----- kernels -------------------------------------------------------------------------------------
@@ -82,15 +105,12 @@ def _rnd(x, dt: tl.constexpr):
 
 
 @triton.jit
-def _row_rstd(x_ptr, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """rsqrt(mean(x^2) + eps) of each row of x (M, K), in fp32."""
-    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                    other=0.0).to(tl.float32)
-        sq += tl.sum(x * x, axis=1)
-    return tl.rsqrt(sq / K + eps)
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Programmatic dependent launch: block until the previous kernel has finished and its writes are
+    visible, then let the next kernel start launching (it only prefetches until its own wait)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -106,218 +126,374 @@ def _dot(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _stream(a_ptr, w_ptr, rows, cols1, cols2, M, N, K, rstd, scale_ptr, shift_ptr,
-            NORM: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a (M, K) @ w[cols1]^T (and w[cols2]^T when PAIRED) in fp32, a first modulated by adaRMS when
-    NORM: a -> (a * rstd * (1 + scale) + shift) rounded to a's dtype, as the eager model feeds it."""
+def _load_w(w_ptr, cols, ks, N, K: tl.constexpr):
+    return tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _mac(x_ptr, rows, ks, M, K: tl.constexpr, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
+         NORM: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr):
+    """One K slice: acc += a @ w^T (a = x * (1 + sc) when NORM, rounded to x's dtype as the dot's operand),
+    and for NORM the slice's sum of squares of x per row and shift @ w^T per column, all fp32."""
+    dt = x_ptr.dtype.element_ty
+    a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+    if NORM:
+        af = a.to(tl.float32)
+        sq += tl.sum(af * af, axis=1)
+        a = _rnd(af * (1.0 + sc[None, :]), dt)
+        sh1 += tl.sum(w1.to(tl.float32) * sh[None, :], axis=1)
+        if PAIRED:
+            sh2 += tl.sum(w2.to(tl.float32) * sh[None, :], axis=1)
+    acc1 = _dot(a, w1.to(dt), acc1, IEEE)  # FP8 weights: converted in registers
+    if PAIRED:
+        acc2 = _dot(a, w2.to(dt), acc2, IEEE)
+    return acc1, acc2, sq, sh1, sh2
+
+
+@triton.jit
+def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.constexpr, scale_ptr, shift_ptr,
+             NORM: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The tile (rows, cols1 [, cols2]) of x @ w^T over all of K, in fp32, with (for NORM) each row's sum
+    of squares of x and shift @ w^T per column. Returns (acc1, acc2, sq, sh1, sh2, last): with SPLIT_K
+    only the program that completes the tile (last) holds the full sums; the others hold partials."""
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_ok = rows[:, None] < M
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok & k_ok[None, :], other=0.0)
-        if NORM:
-            sc = tl.load(scale_ptr + ks, mask=k_ok, other=0.0)
-            sh = tl.load(shift_ptr + ks, mask=k_ok, other=0.0)
-            h = a.to(tl.float32) * rstd[:, None] * (1.0 + sc[None, :]) + sh[None, :]
-            a = _rnd(h, a_ptr.dtype.element_ty)
-        w1 = tl.load(w_ptr + cols1[:, None] * K + ks[None, :], mask=(cols1[:, None] < N) & k_ok[None, :], other=0.0)
-        acc1 = _dot(a, w1.to(a_ptr.dtype.element_ty), acc1, IEEE)  # FP8 weights: converted in registers
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sh1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sh2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    last = tl.program_id(0) >= 0  # true: without a split, every program completes its tile
+    if SPLIT_K:
+        SPLIT = (K + BLOCK_K - 1) // BLOCK_K
+        pid_k = tl.program_id(1)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        # everything that does not depend on the previous kernel is loaded before the wait
+        w1 = _load_w(w_ptr, cols1, ks, N, K)
+        w2 = w1
         if PAIRED:
-            w2 = tl.load(w_ptr + cols2[:, None] * K + ks[None, :], mask=(cols2[:, None] < N) & k_ok[None, :],
-                         other=0.0)
-            acc2 = _dot(a, w2.to(a_ptr.dtype.element_ty), acc2, IEEE)
-    return acc1, acc2
+            w2 = _load_w(w_ptr, cols2, ks, N, K)
+        sc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        sh = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if NORM:
+            sc = tl.load(scale_ptr + ks, mask=ks < K, other=0.0)
+            sh = tl.load(shift_ptr + ks, mask=ks < K, other=0.0)
+        _wait_for_inputs(PDL)
+        acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
+                                        NORM, PAIRED, IEEE)
+        if SPLIT > 1:
+            # partials to the workspace: [SPLIT, M_PAD, N] sums, [SPLIT, M_PAD] squares, [SPLIT, N] shift @ w^T
+            m_pad = tl.num_programs(2) * BLOCK_M
+            c1_ok = cols1 < N
+            c2_ok = cols2 < N
+            at = ws_ptr + (pid_k * m_pad + rows)[:, None] * N
+            tl.store(at + cols1[None, :], acc1, mask=c1_ok[None, :])
+            if PAIRED:
+                tl.store(at + cols2[None, :], acc2, mask=c2_ok[None, :])
+            sq_ptr = ws_ptr + SPLIT * m_pad * N
+            sh_ptr = sq_ptr + SPLIT * m_pad
+            if NORM:  # every column tile writes the same squares of its rows: identical values, no race
+                tl.store(sq_ptr + pid_k * m_pad + rows, sq)
+                tl.store(sh_ptr + pid_k * N + cols1, sh1, mask=c1_ok)
+                if PAIRED:
+                    tl.store(sh_ptr + pid_k * N + cols2, sh2, mask=c2_ok)
+            # all of the block's stores happen before its release of the tile's counter (as CUTLASS's split-K
+            # semaphore: barrier, then one release at GPU scope)
+            tl.debug_barrier()
+            tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = done == SPLIT - 1
+            if last:  # every slice of this tile is in: sum them in slice order (the same bits every run)
+                acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                sh1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                sh2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for s in tl.static_range(SPLIT):
+                    at = ws_ptr + (s * m_pad + rows)[:, None] * N
+                    acc1 += tl.load(at + cols1[None, :], mask=c1_ok[None, :], other=0.0, cache_modifier=".cg")
+                    if PAIRED:
+                        acc2 += tl.load(at + cols2[None, :], mask=c2_ok[None, :], other=0.0, cache_modifier=".cg")
+                    if NORM:
+                        sq += tl.load(sq_ptr + s * m_pad + rows, cache_modifier=".cg")
+                        sh1 += tl.load(sh_ptr + s * N + cols1, mask=c1_ok, other=0.0, cache_modifier=".cg")
+                        if PAIRED:
+                            sh2 += tl.load(sh_ptr + s * N + cols2, mask=c2_ok, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (and graph replay)
+    else:
+        _wait_for_inputs(PDL)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w1 = _load_w(w_ptr, cols1, ks, N, K)
+            w2 = w1
+            if PAIRED:
+                w2 = _load_w(w_ptr, cols2, ks, N, K)
+            sc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            sh = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            if NORM:
+                sc = tl.load(scale_ptr + ks, mask=ks < K, other=0.0)
+                sh = tl.load(shift_ptr + ks, mask=ks < K, other=0.0)
+            acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
+                                            NORM, PAIRED, IEEE)
+    return acc1, acc2, sq, sh1, sh2, last
+
+
+@triton.jit
+def _normed(acc, sq, sh, w_scale_ptr, K: tl.constexpr, eps, W_FP8: tl.constexpr, dt: tl.constexpr):
+    """The product's output rounded as F.linear rounds it: rstd * acc + shift @ w^T (NORM), times the FP8
+    weight scale."""
+    y = acc * tl.rsqrt(sq / K + eps)[:, None] + sh[None, :]
+    if W_FP8:
+        y = y * tl.load(w_scale_ptr)
+    return _rnd(y, dt).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
 def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
-                     M, N, K, T, KEYS, prefix_len, eps,
-                     NQ: tl.constexpr, HD: tl.constexpr, W_FP8: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # program (pid_n, pid_m): output columns d and d + HD/2 of one head (a RoPE pair), rows of one block
+                     ws_ptr, cnt_ptr, M, N, K: tl.constexpr, T, KEYS, prefix_len, eps,
+                     NQ: tl.constexpr, HD: tl.constexpr, W_FP8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # program (pid_n, pid_k, pid_m): output columns d and d + HD/2 of one head (a RoPE pair), one K slice
+    # (or all of K), rows of one block
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     head = pid_n // (HD // 2 // BLOCK_N)  # 0..NQ-1: query heads, NQ: the k head, NQ + 1: the v head
     d = (pid_n % (HD // 2 // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # in [0, HD/2)
     cols1 = head * HD + d
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rstd = _row_rstd(x_ptr, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    acc1, acc2 = _stream(x_ptr, w_ptr, rows, cols1, cols1 + HD // 2, M, N, K, rstd, scale_ptr, shift_ptr,
-                         True, True, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    if W_FP8:
-        ws = tl.load(w_scale_ptr)
-        acc1 = acc1 * ws
-        acc2 = acc2 * ws
-    dt = q_ptr.dtype.element_ty
-    y1 = _rnd(acc1, dt).to(tl.float32)  # the projection's output, rounded as F.linear rounds it
-    y2 = _rnd(acc2, dt).to(tl.float32)
-    row_ok = rows[:, None] < M
-    # split-half RoPE, x * cos + rotate_half(x) * sin: [y1 | y2] -> [y1 cos1 - y2 sin1 | y2 cos2 + y1 sin2]
-    # with cos/sin (M, HD) (their halves are equal for real positions; read both, as apply_rope does)
-    cs = rows[:, None] * HD + d[None, :]
-    cos1 = tl.load(cos_ptr + cs, mask=row_ok, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + cs, mask=row_ok, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok, other=0.0).to(tl.float32)
-    rope = head <= NQ  # v is not rotated
-    o1 = _rnd(tl.where(rope, y1 * cos1 - y2 * sin1, y1), dt)
-    o2 = _rnd(tl.where(rope, y2 * cos2 + y1 * sin2, y2), dt)
-    if head < NQ:
-        # q (M, NQ * HD): row m = b * T + t, column = head * HD + d, i.e. (B, T * H, hd) as attention reads it
-        dst = q_ptr + rows[:, None] * (NQ * HD) + cols1[None, :]
-        tl.store(dst, o1, mask=row_ok)
-        tl.store(dst + HD // 2, o2, mask=row_ok)
-    else:
-        # k or v of action token t of batch row b: cache (B, KEYS, HD) row prefix_len + t
-        kv = ((rows // T) * KEYS + prefix_len + rows % T)[:, None] * HD + d[None, :]
-        if head == NQ:
-            tl.store(k_ptr + kv, o1, mask=row_ok)
-            tl.store(k_ptr + kv + HD // 2, o2, mask=row_ok)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc1, acc2, sq, sh1, sh2, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols1 + HD // 2, M, N, K,
+                                              scale_ptr, shift_ptr, True, True, IEEE, PDL,
+                                              BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+    if last:
+        dt = q_ptr.dtype.element_ty
+        y1 = _normed(acc1, sq, sh1, w_scale_ptr, K, eps, W_FP8, dt)
+        y2 = _normed(acc2, sq, sh2, w_scale_ptr, K, eps, W_FP8, dt)
+        row_ok = rows[:, None] < M
+        # split-half RoPE, x * cos + rotate_half(x) * sin: [y1 | y2] -> [y1 cos1 - y2 sin1 | y2 cos2 + y1 sin2]
+        # with cos/sin (M, HD) (their halves are equal for real positions; read both, as apply_rope does)
+        cs = rows[:, None] * HD + d[None, :]
+        cos1 = tl.load(cos_ptr + cs, mask=row_ok, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + cs, mask=row_ok, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok, other=0.0).to(tl.float32)
+        rope = head <= NQ  # v is not rotated
+        o1 = _rnd(tl.where(rope, y1 * cos1 - y2 * sin1, y1), dt)
+        o2 = _rnd(tl.where(rope, y2 * cos2 + y1 * sin2, y2), dt)
+        if head < NQ:
+            # q (M, NQ * HD): row m = b * T + t, column = head * HD + d, i.e. (B, T * H, hd) as attention reads it
+            dst = q_ptr + rows[:, None] * (NQ * HD) + cols1[None, :]
+            tl.store(dst, o1, mask=row_ok)
+            tl.store(dst + HD // 2, o2, mask=row_ok)
         else:
-            tl.store(v_ptr + kv, o1, mask=row_ok)
-            tl.store(v_ptr + kv + HD // 2, o2, mask=row_ok)
+            # k or v of action token t of batch row b: cache (B, KEYS, HD) row prefix_len + t
+            kv = ((rows // T) * KEYS + prefix_len + rows % T)[:, None] * HD + d[None, :]
+            if head == NQ:
+                tl.store(k_ptr + kv, o1, mask=row_ok)
+                tl.store(k_ptr + kv + HD // 2, o2, mask=row_ok)
+            else:
+                tl.store(v_ptr + kv, o1, mask=row_ok)
+                tl.store(v_ptr + kv + HD // 2, o2, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
-def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr, M, N, K,
-                           W_FP8: tl.constexpr, IEEE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                           K: tl.constexpr, W_FP8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """out = res + gate * (a @ w^T): the expert's gated residual after o_proj and down_proj."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    no_rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc, _ = _stream(a_ptr, w_ptr, rows, cols, cols, M, N, K, no_rstd, gate_ptr, gate_ptr,
-                     False, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    if W_FP8:
-        acc = acc * tl.load(w_scale_ptr)
-    dt = out_ptr.dtype.element_ty
-    col_ok = cols < N
-    ok = (rows[:, None] < M) & col_ok[None, :]
-    gate = _rnd(tl.load(gate_ptr + cols, mask=col_ok, other=0.0), dt).to(tl.float32)
-    res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    gated = _rnd(_rnd(acc, dt).to(tl.float32) * gate[None, :], dt).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], _rnd(res + gated, dt), mask=ok)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc, _, _, _, _, last = _product(a_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols, M, N, K, gate_ptr, gate_ptr,
+                                     False, False, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+    if last:
+        if W_FP8:
+            acc = acc * tl.load(w_scale_ptr)
+        dt = out_ptr.dtype.element_ty
+        col_ok = cols < N
+        ok = (rows[:, None] < M) & col_ok[None, :]
+        gate = _rnd(tl.load(gate_ptr + cols, mask=col_ok, other=0.0), dt).to(tl.float32)
+        res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        gated = _rnd(_rnd(acc, dt).to(tl.float32) * gate[None, :], dt).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], _rnd(res + gated, dt), mask=ok)
 
 
 @triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
-def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, M, N, K, eps,
-                  W_FP8: tl.constexpr, IEEE: tl.constexpr, GELU_C: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K: tl.constexpr,
+                  eps, W_FP8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, GELU_C: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """out (M, N // 2) = gelu_tanh(h @ Wg^T) * (h @ Wu^T), h = adaRMS(x); w = [Wg ; Wu] (N, K)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     hidden = N // 2
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # gate column c pairs with up column hidden + c
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rstd = _row_rstd(x_ptr, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    acc_g, acc_u = _stream(x_ptr, w_ptr, rows, cols, cols + hidden, M, N, K, rstd, scale_ptr, shift_ptr,
-                           True, True, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    if W_FP8:
-        ws = tl.load(w_scale_ptr)
-        acc_g = acc_g * ws
-        acc_u = acc_u * ws
-    dt = out_ptr.dtype.element_ty
-    g = _rnd(acc_g, dt).to(tl.float32)
-    u = _rnd(acc_u, dt).to(tl.float32)
-    z = GELU_C * (g + 0.044715 * g * g * g)
-    tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)  # tanh(z), saturating correctly for large |z|
-    act = _rnd(0.5 * g * (1.0 + tanh), dt).to(tl.float32)
-    ok = (rows[:, None] < M) & (cols[None, :] < hidden)
-    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], _rnd(act * u, dt), mask=ok)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate column c pairs with up column hidden + c
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc_g, acc_u, sq, sh_g, sh_u, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols + hidden, M, N, K,
+                                                  scale_ptr, shift_ptr, True, True, IEEE, PDL,
+                                                  BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+    if last:
+        dt = out_ptr.dtype.element_ty
+        g = _normed(acc_g, sq, sh_g, w_scale_ptr, K, eps, W_FP8, dt)
+        u = _normed(acc_u, sq, sh_u, w_scale_ptr, K, eps, W_FP8, dt)
+        z = GELU_C * (g + 0.044715 * g * g * g)
+        tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)  # tanh(z), saturating correctly for large |z|
+        act = _rnd(0.5 * g * (1.0 + tanh), dt).to(tl.float32)
+        ok = (rows[:, None] < M) & (cols[None, :] < hidden)
+        tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], _rnd(act * u, dt), mask=ok)
 
 
 MASKED = -2.3819763e38  # openpi's big_neg, as the compile backend's key bias holds it
-ATTN_BLOCK_Q, ATTN_BLOCK_S, ATTN_BLOCK_D = 16, 64, 64
+ATTN_BLOCK_Q, ATTN_BLOCK_S = 16, 64
 
 
 @triton.jit
-def _attention_split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, RB, S, R, sm_scale,
-                            HD: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, RB, S, R, own_start, own_end,
+                      sm_scale, HD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (pid_q, split, b): BLOCK_Q query rows of batch row b (RB = T * H rows each, all heads sharing
-    the one K/V head) against the BLOCK_S keys of one split; writes that split's row max, row sum of
-    exp and unnormalized exp-weighted values, merged by _attention_combine_kernel (flash-decoding).
-    One key block per program and 16 query rows keep the (16, hd) fp32 accumulator small at hd 256."""
+    the one K/V head) against the BLOCK_S keys of one split (flash-decoding). Each split leaves its row
+    max, row sum of exp and unnormalized exp-weighted values in the workspace; the program that
+    completes a query block merges the splits in order and writes the output. Keys outside
+    [own_start, own_end) (the cached prefix and the padding) do not depend on the previous kernel: a
+    split that holds none of the action tokens' own keys loads its K/V before the wait."""
     pid_q = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
-    qr = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = qr < RB
-    rows = b * RB + qr  # rows of q (B * T * H, HD): row (b * T + t) * H + h
+    nsplit = tl.num_programs(1)
     d = tl.arange(0, HD)
-    q = tl.load(q_ptr + rows[:, None] * HD + d[None, :], mask=q_ok[:, None], other=0.0)
     ks = split * BLOCK_S + tl.arange(0, BLOCK_S)
     k_ok = ks < S
     kv = (b * S + ks)[:, None] * HD + d[None, :]  # cache (B, S, HD)
-    k = tl.load(k_ptr + kv, mask=k_ok[:, None], other=0.0)
+    bias = tl.load(bias_ptr + b * S + ks, mask=k_ok, other=-2.3819763e38)
+    own = (split * BLOCK_S < own_end) & (split * BLOCK_S + BLOCK_S > own_start)
+    if own:
+        _wait_for_inputs(PDL)
+        k = tl.load(k_ptr + kv, mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + kv, mask=k_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + kv, mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + kv, mask=k_ok[:, None], other=0.0)
+        _wait_for_inputs(PDL)
+    qr = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = qr < RB
+    rows = b * RB + qr  # rows of q (B * T * H, HD): row (b * T + t) * H + h
+    q = tl.load(q_ptr + rows[:, None] * HD + d[None, :], mask=q_ok[:, None], other=0.0)
     dt = q_ptr.dtype.element_ty
     scores = _dot(q, k, tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32), IEEE)
     # as the eager attention: bf16 scores, then scaled and masked in fp32
-    bias = tl.load(bias_ptr + b * S + ks, mask=k_ok, other=-2.3819763e38)
     scores = _rnd(scores, dt).to(tl.float32) * sm_scale + bias[None, :]
     m = tl.max(scores, axis=1)
     p = tl.exp(scores - m[:, None])
-    v = tl.load(v_ptr + kv, mask=k_ok[:, None], other=0.0)
     if IEEE:
         acc = tl.dot(_rnd(p, dt).to(tl.float32), v.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(p.to(dt), v)
-    ws = split * R + rows  # workspace row of this split
-    tl.store(m_ptr + ws, m, mask=q_ok)
-    tl.store(l_ptr + ws, tl.sum(p, axis=1), mask=q_ok)
+    lsum = tl.sum(p, axis=1)
+    # workspace: [nsplit, R] maxima, [nsplit, R] sums, [nsplit, R, HD] values
+    l_ptr = ws_ptr + nsplit * R
+    acc_ptr = l_ptr + nsplit * R
+    ws = split * R + rows
+    tl.store(ws_ptr + ws, m, mask=q_ok)
+    tl.store(l_ptr + ws, lsum, mask=q_ok)
     tl.store(acc_ptr + ws[:, None] * HD + d[None, :], acc, mask=q_ok[:, None])
-
-
-@triton.jit
-def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, R, NSPLIT,
-                              HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out (R, HD) = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits (M = max_s m_s); a split
-    whose keys are all masked has m_s ~ -2.4e38 and weighs exactly 0."""
-    pid_r = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rows < R
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    top = tl.load(m_ptr + rows, mask=r_ok, other=0.0)
-    for sp in range(1, NSPLIT):
-        top = tl.maximum(top, tl.load(m_ptr + sp * R + rows, mask=r_ok, other=0.0))
-    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for sp in range(0, NSPLIT):
-        w = tl.exp(tl.load(m_ptr + sp * R + rows, mask=r_ok, other=0.0) - top)
-        total += w * tl.load(l_ptr + sp * R + rows, mask=r_ok, other=1.0)
-        part = tl.load(acc_ptr + (sp * R + rows)[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
-        acc += w[:, None] * part
-    out = acc / total[:, None]
-    tl.store(out_ptr + rows[:, None] * HD + d[None, :], _rnd(out, out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    tl.debug_barrier()
+    tile = b * tl.num_programs(0) + pid_q
+    done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if done == nsplit - 1:
+        # out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (M = max_s m_s); a split whose keys are all
+        # masked has m_s ~ -2.4e38 and weighs exactly 0
+        top = tl.load(ws_ptr + rows, mask=q_ok, other=0.0, cache_modifier=".cg")
+        for sp in range(1, nsplit):
+            top = tl.maximum(top, tl.load(ws_ptr + sp * R + rows, mask=q_ok, other=0.0, cache_modifier=".cg"))
+        total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        out = tl.zeros((BLOCK_Q, HD), dtype=tl.float32)
+        for sp in range(0, nsplit):
+            w = tl.exp(tl.load(ws_ptr + sp * R + rows, mask=q_ok, other=0.0, cache_modifier=".cg") - top)
+            total += w * tl.load(l_ptr + sp * R + rows, mask=q_ok, other=1.0, cache_modifier=".cg")
+            part = tl.load(acc_ptr + (sp * R + rows)[:, None] * HD + d[None, :], mask=q_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            out += w[:, None] * part
+        tl.store(out_ptr + rows[:, None] * HD + d[None, :], _rnd(out / total[:, None], out_ptr.dtype.element_ty),
+                 mask=q_ok[:, None])
+        tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Autotune's early pruning: at most 16 rows (batch 1) need no 64-row blocks (fewer compiles at warm-up)."""
+    """Autotune's early pruning: split-K shapes for one observation (at most SPLIT_ROWS rows), K-loop shapes
+    for more rows (the split-K workspace would grow with the rows, and more rows already fill the GPU)."""
     m = kwargs.get("M", named_args.get("M") if isinstance(named_args, dict) else None)
-    if m is None or m > 16:
+    if m is None:
         return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= 16] or configs
+    split = m <= SPLIT_ROWS
+    return [c for c in configs if c.kwargs["SPLIT_K"] == split] or configs
 
 
 _TUNED = {fn: triton.autotune(configs=CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune_configs})(fn)
           for fn in (_qkv_rope_kernel, _gated_residual_kernel, _geglu_kernel)}
 
 
+# ----- launchers --------------------------------------------------------------------------------------
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton with `tl.extra.cuda.gdc_wait`."""
+    if INTERPRET or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0) and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+class Scratch:
+    """The split-K partial sums and the per-tile counters of the last-program reductions, per device: one
+    fp32 workspace and one int32 counter buffer (zeros; each reduction puts its counters back to zero).
+    Kernels on one stream use them one after another (with PDL, only after their wait). A buffer is never
+    freed or reallocated in place: a CUDA graph keeps the addresses it was captured with, so a larger
+    need gets a new buffer and the old one stays alive for the graphs that use it."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+        self._retired: list = []
+
+    def get(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws, cnt = self._buffers.get(device, (None, None))
+        if ws is None or ws.numel() < floats or cnt.numel() < tiles:
+            if ws is not None:
+                self._retired.append((ws, cnt))
+            ws = torch.empty(max(floats, 1, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+            cnt = torch.zeros(max(tiles, 1, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+            self._buffers[device] = (ws, cnt)
+        return ws, cnt
+
+
+DEFAULT_SCRATCH = Scratch()
+use_pdl = True  # False: plain launches (for A/B timing: scripts/gpu/expert_step_bench.py)
+_PDL_BROKEN: list[str] = []  # the error of a first failed PDL launch; later launches go without PDL
+
+
+def _product_scratch(scratch: Scratch, device, m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Room for the largest split any configuration makes of an (m, n, k) product."""
+    if m > SPLIT_ROWS:
+        return scratch.get(device, 1, 1)
+    slice_k = INTERPRETER_BLOCKS["BLOCK_K"] if INTERPRET else min(c.kwargs["BLOCK_K"] for c in CONFIGS if c.kwargs["SPLIT_K"])
+    split, m_pad = triton.cdiv(k, slice_k), SPLIT_ROWS
+    return scratch.get(device, split * (m_pad * n + m_pad + n), n)  # tiles <= n column blocks of >= 1
+
+
+def _with_pdl(device, launch) -> None:
+    """launch(pdl) with programmatic dependent launch where the GPU and Triton have it; if such a launch
+    fails (an older driver or Triton), this and every later launch go without it."""
+    if use_pdl and pdl_supported(device) and not _PDL_BROKEN:
+        try:
+            launch(True)
+            return
+        except Exception as exc:
+            _PDL_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            log.warning("programmatic dependent launch failed (%s); launching the expert kernels without it", _PDL_BROKEN[0])
+    launch(False)
+
+
 def _launch(fn, grid_fn, args: dict, m: int, pair_width: int | None):
     """Autotuned on a GPU; in the interpreter, the smallest blocks that fit (it runs programs one by one)."""
-    if not INTERPRET:
-        _TUNED[fn][grid_fn](**args)
+    if INTERPRET:
+        blocks = {"BLOCK_M": 16 if m <= SPLIT_ROWS else 32, "BLOCK_N": min(INTERPRETER_BLOCKS["BLOCK_N"], pair_width or 16),
+                  "BLOCK_K": INTERPRETER_BLOCKS["BLOCK_K"], "SPLIT_K": m <= SPLIT_ROWS}
+        fn[grid_fn(blocks)](**args, PDL=False, **blocks)
         return
-    blocks = {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": min(16, pair_width or 16), "BLOCK_K": 32}
-    fn[grid_fn(blocks)](**args, **blocks)
+    device = args["w_ptr"].device
+    _with_pdl(device, lambda pdl: _TUNED[fn][grid_fn](**args, PDL=pdl, **({"launch_pdl": True} if pdl else {})))
 
-
-# ----- launchers --------------------------------------------------------------------------------------
 
 def _unpack(w):
     """(matrix, scale tensor or None): bf16/fp32 weights, or the fp8 backend's Fp8Matrix (w8, w_scale, x_scale)."""
@@ -326,23 +502,32 @@ def _unpack(w):
     return w, None
 
 
-def _common(a: torch.Tensor, w) -> dict:
+def _common(a: torch.Tensor, w, scratch: Scratch | None) -> dict:
     mat, scale = _unpack(w)
     if not (a.is_contiguous() and mat.is_contiguous()):
         raise ValueError("expert kernels need contiguous activations and weights")
     if mat.shape[1] != a.shape[1]:
         raise ValueError(f"weight {tuple(mat.shape)} does not take inputs of width {a.shape[1]}")
-    return {"w_ptr": mat, "w_scale_ptr": mat if scale is None else scale, "M": a.shape[0], "N": mat.shape[0],
-            "K": a.shape[1], "W_FP8": scale is not None, "IEEE": a.dtype == torch.float32 or INTERPRET}
+    m, n, k = a.shape[0], mat.shape[0], a.shape[1]
+    ws, cnt = _product_scratch(scratch or DEFAULT_SCRATCH, a.device, m, n, k)
+    return {"w_ptr": mat, "w_scale_ptr": mat if scale is None else scale, "ws_ptr": ws, "cnt_ptr": cnt,
+            "M": m, "N": n, "K": k, "W_FP8": scale is not None, "IEEE": a.dtype == torch.float32 or INTERPRET}
 
 
-def qkv_rope(x, w, scale, shift, cos, sin, q, k_cache, v_cache, prefix_len: int, heads: int, eps: float) -> None:
+def _grid(n_tiles, m: int, k: int):
+    """(column tiles, K slices, row blocks) for a configuration's meta-parameters."""
+    return lambda meta: (n_tiles(meta), triton.cdiv(k, meta["BLOCK_K"]) if meta["SPLIT_K"] else 1,
+                         triton.cdiv(m, meta["BLOCK_M"]))
+
+
+def qkv_rope(x, w, scale, shift, cos, sin, q, k_cache, v_cache, prefix_len: int, heads: int, eps: float, *,
+             scratch: Scratch | None = None) -> None:
     """x (B, T, width) -> q (B * T, H * hd); k, v into k_cache/v_cache (B, KEYS, hd)[:, prefix_len:prefix_len + T]."""
     b, t, width = x.shape
     hd = k_cache.shape[-1]
     x2 = x.reshape(b * t, width)  # (M, width), row m = b * T + t
-    args = _common(x2, w)
-    widest = max(c.kwargs["BLOCK_N"] for c in CONFIGS) if not INTERPRET else min(16, hd // 2)
+    args = _common(x2, w, scratch)
+    widest = WIDEST_N if not INTERPRET else min(INTERPRETER_BLOCKS["BLOCK_N"], hd // 2)
     if args["N"] != (heads + 2) * hd or (hd // 2) % widest:
         raise ValueError(f"qkv of {args['N']} rows and head_dim {hd} do not fit {heads} + 2 heads of RoPE pairs")
     for buf in (cos, sin, q, k_cache, v_cache):
@@ -350,53 +535,53 @@ def qkv_rope(x, w, scale, shift, cos, sin, q, k_cache, v_cache, prefix_len: int,
             raise ValueError("expert kernels need contiguous cos/sin, q and cache buffers")
     args.update(x_ptr=x2, scale_ptr=scale, shift_ptr=shift, cos_ptr=cos, sin_ptr=sin, q_ptr=q, k_ptr=k_cache,
                 v_ptr=v_cache, T=t, KEYS=k_cache.shape[1], prefix_len=prefix_len, eps=eps, NQ=heads, HD=hd)
-    grid = lambda meta: ((heads + 2) * (hd // 2 // meta["BLOCK_N"]), triton.cdiv(b * t, meta["BLOCK_M"]))  # noqa: E731
+    grid = _grid(lambda meta: (heads + 2) * (hd // 2 // meta["BLOCK_N"]), b * t, width)
     _launch(_qkv_rope_kernel, grid, args, b * t, hd // 2)
 
 
-def gated_residual(a, w, res, gate, out) -> None:
+def gated_residual(a, w, res, gate, out, *, scratch: Scratch | None = None) -> None:
     """out (M, N) = res + gate * (a (M, K) @ w^T)."""
-    args = _common(a, w)
+    args = _common(a, w, scratch)
     args.update(a_ptr=a, res_ptr=res, gate_ptr=gate, out_ptr=out)
-    grid = lambda meta: (triton.cdiv(args["N"], meta["BLOCK_N"]), triton.cdiv(args["M"], meta["BLOCK_M"]))  # noqa: E731
+    grid = _grid(lambda meta: triton.cdiv(args["N"], meta["BLOCK_N"]), args["M"], args["K"])
     _launch(_gated_residual_kernel, grid, args, args["M"], None)
 
 
-def geglu(x, w, scale, shift, out, eps: float) -> None:
+def geglu(x, w, scale, shift, out, eps: float, *, scratch: Scratch | None = None) -> None:
     """out (M, mlp) = gelu_tanh(h @ Wg^T) * (h @ Wu^T), h = adaRMS(x (M, width)); w = [Wg ; Wu]."""
-    args = _common(x, w)
+    args = _common(x, w, scratch)
     hidden = args["N"] // 2
     args.update(x_ptr=x, scale_ptr=scale, shift_ptr=shift, out_ptr=out, eps=eps, GELU_C=GELU_C)
-    grid = lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), triton.cdiv(args["M"], meta["BLOCK_M"]))  # noqa: E731
+    grid = _grid(lambda meta: triton.cdiv(hidden, meta["BLOCK_N"]), args["M"], args["K"])
     _launch(_geglu_kernel, grid, args, args["M"], hidden)
 
 
-def attention(q, k_cache, v_cache, bias, out) -> None:
+def attention(q, k_cache, v_cache, bias, out, own: tuple[int, int] | None = None, *,
+              scratch: Scratch | None = None) -> None:
     """out (B * T * H, hd) = softmax(q k^T / sqrt(hd) + bias) v for q (B, T * H, hd) over the cache
-    (B, S, hd) (one K/V head for all heads), bias (B, 1, S) fp32: split-key attention plus a merge."""
+    (B, S, hd) (one K/V head for all heads), bias (B, 1, S) fp32: one split-key kernel that merges its
+    splits. `own` = (start, end): the cache rows the previous kernel writes (the action tokens' K/V);
+    None: all of them (no K/V prefetched before the wait)."""
     b, rb, hd = q.shape
     s = k_cache.shape[1]
     for t in (q, k_cache, v_cache, bias, out):
         if not t.is_contiguous():
-            raise ValueError("the expert attention kernels need contiguous q, cache, bias and output")
+            raise ValueError("the expert attention kernel needs contiguous q, cache, bias and output")
     if bias.shape != (b, 1, s) or bias.dtype != torch.float32 or hd & (hd - 1):
         raise ValueError(f"attention needs a (B, 1, S) fp32 bias and a power-of-two head_dim, got {tuple(bias.shape)}, {hd}")
-    r, nsplit = b * rb, triton.cdiv(s, ATTN_BLOCK_S)
-    m = torch.empty(nsplit, r, device=q.device, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    acc = torch.empty(nsplit, r, hd, device=q.device, dtype=torch.float32)
+    r, nsplit, qblocks = b * rb, triton.cdiv(s, ATTN_BLOCK_S), triton.cdiv(rb, ATTN_BLOCK_Q)
+    own_start, own_end = own if own is not None else (0, s)
+    ws, cnt = (scratch or DEFAULT_SCRATCH).get(q.device, nsplit * r * (hd + 2), qblocks * b)
     ieee = q.dtype == torch.float32 or INTERPRET
-    _attention_split_kernel[(triton.cdiv(rb, ATTN_BLOCK_Q), nsplit, b)](
-        q, k_cache, v_cache, bias, m, lsum, acc, rb, s, r, hd ** -0.5,
-        HD=hd, IEEE=ieee, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, num_warps=8)
-    block_d = min(ATTN_BLOCK_D, hd)
-    _attention_combine_kernel[(triton.cdiv(r, 16), hd // block_d)](
-        m, lsum, acc, out, r, nsplit, HD=hd, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
+    _with_pdl(q.device, lambda pdl: _attention_kernel[(qblocks, nsplit, b)](
+        q, k_cache, v_cache, bias, out, ws, cnt, rb, s, r, own_start, own_end, hd ** -0.5,
+        HD=hd, IEEE=ieee, PDL=pdl, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, num_warps=8,
+        **({"launch_pdl": True} if pdl else {})))
 
 
 # ----- the same fusions in torch (the reference each kernel is checked against, and the fallback) ---
 
-def _product(h, w):
+def _linear(h, w):
     """h @ w^T rounded to h's dtype; FP8 weights are dequantized exactly (fp32 product, then the scale)."""
     mat, scale = _unpack(w)
     if scale is None:
@@ -412,7 +597,7 @@ def _modulate(x, scale, shift, eps):
 def qkv_rope_reference(x, w, scale, shift, cos, sin, q, k_cache, v_cache, prefix_len: int, heads: int, eps: float) -> None:
     b, t, width = x.shape
     hd = k_cache.shape[-1]
-    y = _product(_modulate(x.reshape(b * t, width), scale, shift, eps), w).float()  # (M, (H + 2) hd)
+    y = _linear(_modulate(x.reshape(b * t, width), scale, shift, eps), w).float()  # (M, (H + 2) hd)
     y = y.view(b * t, heads + 2, hd)
     half = hd // 2
     c, s = cos.reshape(b * t, 1, hd).float(), sin.reshape(b * t, 1, hd).float()
@@ -425,16 +610,17 @@ def qkv_rope_reference(x, w, scale, shift, cos, sin, q, k_cache, v_cache, prefix
 
 def gated_residual_reference(a, w, res, gate, out) -> None:
     dt = out.dtype
-    out.copy_(res + _product(a, w) * gate.to(dt))
+    out.copy_(res + _linear(a, w) * gate.to(dt))
 
 
 def geglu_reference(x, w, scale, shift, out, eps: float) -> None:
-    g, u = _product(_modulate(x, scale, shift, eps), w).chunk(2, dim=-1)
+    g, u = _linear(_modulate(x, scale, shift, eps), w).chunk(2, dim=-1)
     out.copy_(F.gelu(g, approximate="tanh") * u)
 
 
-def attention_reference(q, k_cache, v_cache, bias, out) -> None:
-    """The compile backend's attention (bf16 scores, fp32 softmax, bf16 probabilities)."""
+def attention_reference(q, k_cache, v_cache, bias, out, own=None) -> None:
+    """The compile backend's attention (bf16 scores, fp32 softmax, bf16 probabilities); `own` (which rows
+    the kernel may not prefetch) does not change the result."""
     b, rb, hd = q.shape
     scores = q @ k_cache.transpose(1, 2)  # (B, T * H, S)
     probs = torch.softmax(scores.float() * hd ** -0.5 + bias, dim=-1).to(v_cache.dtype)
@@ -454,7 +640,8 @@ KERNELS = {
 class ExpertKernels:
     """The expert layers of a denoise step through the fused kernels. `attention(q, k, v, bias)`:
     q (B, T * H, hd) over the cache -> (B, T, H * hd), the backend's (compiled) attention; None: the
-    split-key attention kernels here.
+    split-key attention kernel here. Each instance has its own `Scratch` (workspace and counters), so
+    two samplers never share one.
 
     `status` maps "product@M" (qkv_rope, attention, o_residual, geglu, down_residual) to "ok: ..." or "fallback: ..." once each kernel has run at M rows."""
 
@@ -462,10 +649,12 @@ class ExpertKernels:
         self.heads, self.eps, self.attention = heads, eps, attention
         self.check_tol = check_tol
         self.status: dict[str, str] = {}
+        self.scratch = Scratch()
 
     def _run(self, name: str, label: str, m: int, args: tuple, outputs) -> None:
         """Run kernel `name` (as `label`); on its first call at M rows, check it against its torch reference."""
-        kernel, reference = KERNELS[name]
+        fused, reference = KERNELS[name]
+        kernel = functools.partial(fused, scratch=self.scratch)
         key = f"{label}@{m}"
         state = self.status.get(key)
         if state is not None:
@@ -500,7 +689,8 @@ class ExpertKernels:
                   lambda: (q, k_cache[:, prefix_len:prefix_len + t], v_cache[:, prefix_len:prefix_len + t]))
         if self.attention is None:
             attn = x.new_empty(m * heads, hd)  # (B * T * H, hd): the same memory as (M, H * hd)
-            self._run("attention", "attention", m, (q.view(b, t * heads, hd), k_cache, v_cache, bias, attn),
+            own = (prefix_len, prefix_len + t)  # the cache rows qkv_rope just wrote
+            self._run("attention", "attention", m, (q.view(b, t * heads, hd), k_cache, v_cache, bias, attn, own),
                       lambda: (attn,))
             attn = attn.view(m, heads * hd)
         else:
