@@ -164,7 +164,7 @@ def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.cons
     sh2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     last = tl.program_id(0) >= 0  # true: without a split, every program completes its tile
     if SPLIT_K:
-        SPLIT = (K + BLOCK_K - 1) // BLOCK_K
+        SPLIT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         pid_k = tl.program_id(1)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         # everything that does not depend on the previous kernel is loaded before the wait
