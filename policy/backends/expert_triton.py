@@ -78,6 +78,9 @@ CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": True}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": True}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": True}, num_warps=4, num_stages=1),
+    # fewer, larger slices: less workspace traffic (one slice of all of K = 1024 needs no reduction at all)
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": True}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 1024, "SPLIT_K": True}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": False}, num_warps=8, num_stages=3),
@@ -337,7 +340,7 @@ def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, ws_p
 
 
 MASKED = -2.3819763e38  # openpi's big_neg, as the compile backend's key bias holds it
-ATTN_BLOCK_Q, ATTN_BLOCK_S = 16, 64
+ATTN_BLOCK_Q, ATTN_BLOCK_S, ATTN_WARPS = 16, 64, 8  # 16 query rows x 64 keys per program: a (16, 256) fp32 accumulator
 
 
 @triton.jit
@@ -575,7 +578,7 @@ def attention(q, k_cache, v_cache, bias, out, own: tuple[int, int] | None = None
     ieee = q.dtype == torch.float32 or INTERPRET
     _with_pdl(q.device, lambda pdl: _attention_kernel[(qblocks, nsplit, b)](
         q, k_cache, v_cache, bias, out, ws, cnt, rb, s, r, own_start, own_end, hd ** -0.5,
-        HD=hd, IEEE=ieee, PDL=pdl, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, num_warps=8,
+        HD=hd, IEEE=ieee, PDL=pdl, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, num_warps=ATTN_WARPS,
         **({"launch_pdl": True} if pdl else {})))
 
 

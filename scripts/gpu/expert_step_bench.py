@@ -76,12 +76,13 @@ def variants(p, old_path: str | None):
     out = {"inductor (compile backend)": lambda x: inductor(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"],
                                                           p["weights"])}
 
-    def kernels(module, attention, pdl=True):
+    def kernels(module, attention, pdl=True, attn_blocks=(64, 8)):
         fused = module.ExpertKernels(heads, eps, attention)
 
         def run(x):
             if hasattr(module, "use_pdl"):
                 module.use_pdl = pdl
+                module.ATTN_BLOCK_S, module.ATTN_WARPS = attn_blocks
             return fused.stack(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
         run.status = fused.status
         return run
@@ -89,6 +90,8 @@ def variants(p, old_path: str | None):
     out["triton, triton attention, PDL"] = kernels(et, None, True)
     out["triton, triton attention, no PDL"] = kernels(et, None, False)
     out["triton, compiled attention, PDL"] = kernels(et, compiled_attn, True)
+    out["triton, triton attention (32 keys, 4 warps), PDL"] = kernels(et, None, True, (32, 4))
+    out["triton, triton attention (32 keys, 8 warps), PDL"] = kernels(et, None, True, (32, 8))
     if old_path:
         old = load_module(old_path, "expert_triton_old")
         out["old triton, compiled attention"] = kernels(old, compiled_attn)

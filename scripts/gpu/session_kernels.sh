@@ -3,8 +3,8 @@
 # implementation (scripts/gpu/expert_step_bench.py, optionally against an older kernel module OLD), the
 # kernels' real-size GPU tests, then policy.bench at batch 1 with eager in the same run.
 #   run(command="bash scripts/gpu/session_kernels.sh", carry=[".e2e/base", ".COMMIT"], kind="nvidia-h200")
-# Writes $OUT/step10.json, gpu_tests.log, bench_b1.json and session.log. STAGES picks parts (default all:
-# "step tests bench"); BACKENDS overrides the bench's backends.
+# Writes $OUT/step10.json, gpu_tests.log, bench_b1.json, bench_b16.json and session.log. STAGES picks parts
+# (default "step tests bench"; also "step160", "bench16"); BACKENDS / BACKENDS16 override the benches' backends.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 E2E_CHECK=0 source scripts/gpu/setup_device.sh
@@ -31,6 +31,11 @@ fi
 if [[ " $stages " == *" bench "* ]]; then
   log "bench batch 1"
   timeout 260 python -m policy.bench --backends "$backends" --batch 1 --steps 1,10 --iters 20 --out "$out/bench_b1.json"
+fi
+if [[ " $stages " == *" bench16 "* ]]; then
+  log "bench batch 16"
+  timeout 200 python -m policy.bench --backends "${BACKENDS16:-eager,compile,compile:expert_kernels=triton,fp8,fp8:expert_kernels=triton}" \
+      --batch 16 --steps 10 --iters 10 --out "$out/bench_b16.json"
 fi
 log "done"
 } 2>&1 | tee "$out/session.log"
