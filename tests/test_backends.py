@@ -58,8 +58,11 @@ def test_compile_backend_with_inductor_matches_eager_with_no_graph_break_or_reco
     inputs, c = case
     torch._dynamo.reset()
     counters.clear()
-    sampler = make_sampler("compile", tiny, num_steps=3, expert_kernels=expert_kernels)
+    rows = {"expert_kernel_rows": 20} if expert_kernels == "triton" else {}  # the golden batch of 2: 20 rows
+    sampler = make_sampler("compile", tiny, num_steps=3, expert_kernels=expert_kernels, **rows)
     out = sampler(*inputs)
+    if expert_kernels == "triton":
+        assert sampler.kernel_status and all(v.startswith("ok") for v in sampler.kernel_status.values())
     assert (out - c["output.actions_3steps"]).abs().max() <= 1e-4
     assert not counters["graph_break"], dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]
@@ -241,7 +244,7 @@ def test_bench_rows_report_accuracy_kernel_checks_and_errors_and_go_on():
     text = bench.table(rows, "cpu")
     assert "error: TypeError" in text and "geglu@10: ok" in text
 
-    def broken(*args):
+    def broken(*args, **kw):
         raise RuntimeError("ptxas died")
 
     et.KERNELS["geglu"], saved = (broken, et.geglu_reference), et.KERNELS["geglu"]

@@ -16,7 +16,8 @@ them before upload) make a call one copy of the inputs plus graph replays, with 
 the actions come back; masks on the device are copied to the host first (a sync).
 
 `expert_kernels="triton"` runs the expert layers of the denoise loop through fused Triton kernels
-(policy/backends/expert_triton.py) instead of the inductor-compiled layer; "inductor" is the default.
+(policy/backends/expert_triton.py) instead of the inductor-compiled layer for calls of one observation
+(`expert_kernel_rows`); "inductor" is the default.
 """
 
 from __future__ import annotations
@@ -223,14 +224,16 @@ class CompiledSampler:
     def __init__(self, model: Pi05Model, num_steps: int = 10, torch_compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
                  whole_step: bool = True, expert_kernels: str = "inductor", expert_attention: str = "compiled",
-                 linear=None):
+                 expert_kernel_rows: int = 16, linear=None):
         """torch_compile: compile the layer functions with inductor (False: run them eagerly, e.g. to check
         the fused structure); cuda_graphs: capture each stage (default: on CUDA); compile_mode /
         expert_compile_mode: torch.compile modes; attention: "matmul" or "sdpa"; whole_step: compile a
         denoise step's expert layers as one graph; expert_kernels: "inductor" or "triton" (the fused
         expert kernels); expert_attention (with expert_kernels="triton"): "compiled" (the attention
-        function above, compiled) or "triton" (split-key attention kernels); linear: the matrix product
-        (the fp8 backend passes its own)."""
+        function above, compiled) or "triton" (the split-key attention kernel); expert_kernel_rows: the fused
+        kernels run calls of at most this many action rows (batch x chunk; 16: one observation), larger
+        calls the inductor layer, which is faster there (H200, batch 16: README's Performance section);
+        linear: the matrix product (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
         self.device = model.llm.embed_tokens.weight.device
@@ -268,6 +271,9 @@ class CompiledSampler:
         self._fn = fns
         self._expert = {}  # prefix length -> compiled expert layer (prefix_len is baked in)
         self.expert_kernels = expert_kernels
+        self.expert_kernel_rows = int(expert_kernel_rows)
+        if self.expert_kernel_rows < 1:
+            raise ValueError(f"expert_kernel_rows must be a positive number of rows, got {expert_kernel_rows!r}")
         self._kernels = self._expert_kernels(fns.get("attention")) if expert_kernels == "triton" else None
         self._compile, self._compile_mode = torch_compile, compile_mode
         self._expert_mode = expert_compile_mode or compile_mode
@@ -396,13 +402,14 @@ class CompiledSampler:
 
     def _denoise(self, shape: _Shape, st: _State) -> None:
         m = self.model
-        layer = self._expert_fn(st.prefix_len) if self._kernels is None else None
+        kernels = self._kernels if shape.batch * self.cfg.chunk_size <= self.expert_kernel_rows else None
+        layer = self._expert_fn(st.prefix_len) if kernels is None else None
         x = st.noise.clone()
         for step in range(self.num_steps):
             h = m.action_in_proj(x).to(self.dtype)
             mods = self.mods[step]
-            if self._kernels is not None:
-                h = self._kernels.stack(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"],
+            if kernels is not None:
+                h = kernels.stack(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"],
                                         st.prefix_len)
             elif self._whole_step:
                 h = layer(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"])

@@ -462,9 +462,6 @@ class Scratch:
 
 DEFAULT_SCRATCH = Scratch()
 use_pdl = True  # False: plain launches (for A/B timing: scripts/gpu/expert_step_bench.py)
-# kernel name -> fixed meta-parameters (BLOCK_*, SPLIT_K, num_warps, num_stages) for one observation,
-# instead of autotuning (for A/B timing of block shapes inside a whole step: scripts/gpu/expert_step_bench.py)
-forced_configs: dict[str, dict] = {}
 _PDL_BROKEN: list[str] = []  # the error of a first failed PDL launch; later launches go without PDL
 
 
@@ -498,11 +495,6 @@ def _launch(fn, grid_fn, args: dict, m: int, pair_width: int | None):
         fn[grid_fn(blocks)](**args, PDL=False, **blocks)
         return
     device = args["w_ptr"].device
-    forced = forced_configs.get(fn.fn.__name__)
-    if forced is not None and args["M"] <= SPLIT_ROWS:  # a fixed block shape instead of autotuning (bench A/B)
-        meta = dict(forced)
-        _with_pdl(device, lambda pdl: fn[grid_fn(meta)](**args, PDL=pdl, **meta, **({"launch_pdl": True} if pdl else {})))
-        return
     _with_pdl(device, lambda pdl: _TUNED[fn][grid_fn](**args, PDL=pdl, **({"launch_pdl": True} if pdl else {})))
 
 

@@ -67,23 +67,6 @@ def load_module(path: str, name: str):
     return mod
 
 
-def _shape(n, k, warps, split=True):
-    return {"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": warps, "num_stages": 1 if split else 3}
-
-
-# fixed block shapes per kernel (qkv_rope and geglu: K = 1024; the gated residuals: K = 2048 and 4096), timed
-# inside the whole step (autotuning times each kernel alone, without the overlap of dependent launches)
-BLOCK_SHAPES = {
-    "all 32x128": {k: _shape(32, 128, 4) for k in ("_qkv_rope_kernel", "_geglu_kernel", "_gated_residual_kernel")},
-    "all 16x256": {k: _shape(16, 256, 4) for k in ("_qkv_rope_kernel", "_geglu_kernel", "_gated_residual_kernel")},
-    "whole K 16x1024 / 32x512": {"_qkv_rope_kernel": _shape(16, 1024, 8), "_geglu_kernel": _shape(16, 1024, 8),
-                                 "_gated_residual_kernel": _shape(32, 512, 8)},
-    "32x512 / 32x256": {"_qkv_rope_kernel": _shape(32, 512, 8), "_geglu_kernel": _shape(32, 512, 8),
-                        "_gated_residual_kernel": _shape(32, 256, 4)},
-    "K loop 16x256": {k: _shape(16, 256, 4, split=False) for k in ("_qkv_rope_kernel", "_geglu_kernel", "_gated_residual_kernel")},
-}
-
-
 def variants(p, old_path: str | None):
     cfg = p["cfg"]
     heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
@@ -93,14 +76,12 @@ def variants(p, old_path: str | None):
     out = {"inductor (compile backend)": lambda x: inductor(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"],
                                                           p["weights"])}
 
-    def kernels(module, attention, pdl=True, attn_blocks=(64, 8), forced=None):
+    def kernels(module, attention, pdl=True):
         fused = module.ExpertKernels(heads, eps, attention)
 
         def run(x):
             if hasattr(module, "use_pdl"):
                 module.use_pdl = pdl
-                module.ATTN_BLOCK_S, module.ATTN_WARPS = attn_blocks
-                module.forced_configs = forced or {}
             return fused.stack(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
         run.status = fused.status
         return run
@@ -108,8 +89,6 @@ def variants(p, old_path: str | None):
     out["triton, triton attention, PDL"] = kernels(et, None, True)
     out["triton, triton attention, no PDL"] = kernels(et, None, False)
     out["triton, compiled attention, PDL"] = kernels(et, compiled_attn, True)
-    for label, forced in BLOCK_SHAPES.items():
-        out[f"triton, compiled attention, PDL, {label}"] = kernels(et, compiled_attn, True, forced=forced)
     if old_path:
         old = load_module(old_path, "expert_triton_old")
         out["old triton, compiled attention"] = kernels(old, compiled_attn)
