@@ -134,6 +134,23 @@ def _load_w(w_ptr, cols, ks, N, K: tl.constexpr):
 
 
 @triton.jit
+def _slice_operands(w_ptr, cols1, cols2, ks, N, K: tl.constexpr, scale_ptr, shift_ptr,
+                    NORM: tl.constexpr, PAIRED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What a K slice multiplies that no earlier kernel writes: the weight tile(s), and for NORM the
+    adaRMS scale and shift of the slice's columns (zeros otherwise)."""
+    w1 = _load_w(w_ptr, cols1, ks, N, K)
+    w2 = w1
+    if PAIRED:
+        w2 = _load_w(w_ptr, cols2, ks, N, K)
+    sc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    sh = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if NORM:
+        sc = tl.load(scale_ptr + ks, mask=ks < K, other=0.0)
+        sh = tl.load(shift_ptr + ks, mask=ks < K, other=0.0)
+    return w1, w2, sc, sh
+
+
+@triton.jit
 def _mac(x_ptr, rows, ks, M, K: tl.constexpr, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
          NORM: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr):
     """One K slice: acc += a @ w^T (a = x * (1 + sc) when NORM, rounded to x's dtype as the dot's operand),
@@ -171,15 +188,7 @@ def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.cons
         pid_k = tl.program_id(1)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         # everything that does not depend on the previous kernel is loaded before the wait
-        w1 = _load_w(w_ptr, cols1, ks, N, K)
-        w2 = w1
-        if PAIRED:
-            w2 = _load_w(w_ptr, cols2, ks, N, K)
-        sc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        sh = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        if NORM:
-            sc = tl.load(scale_ptr + ks, mask=ks < K, other=0.0)
-            sh = tl.load(shift_ptr + ks, mask=ks < K, other=0.0)
+        w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
         _wait_for_inputs(PDL)
         acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
                                         NORM, PAIRED, IEEE)
@@ -226,15 +235,7 @@ def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.cons
         _wait_for_inputs(PDL)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            w1 = _load_w(w_ptr, cols1, ks, N, K)
-            w2 = w1
-            if PAIRED:
-                w2 = _load_w(w_ptr, cols2, ks, N, K)
-            sc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            sh = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            if NORM:
-                sc = tl.load(scale_ptr + ks, mask=ks < K, other=0.0)
-                sh = tl.load(shift_ptr + ks, mask=ks < K, other=0.0)
+            w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
             acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
                                             NORM, PAIRED, IEEE)
     return acc1, acc2, sq, sh1, sh2, last
