@@ -7,6 +7,8 @@ actions (fp32) and against eager (bf16). The same kernels at real size on a GPU:
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from policy.backends import expert_triton as et
 from policy.backends.compiled import CompiledSampler, expert_layer, mqa_attention
@@ -204,6 +206,79 @@ def test_kernels_run_one_observation_and_leave_larger_batches_to_the_inductor_la
     assert (one[0] - golden[1]).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="expert_kernel_rows"):
         CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_kernels="triton", expert_kernel_rows=0)
+
+
+def test_one_observation_of_a_longer_chunk_still_runs_the_kernels():
+    """pi05_base predicts 50 actions: one observation is 50 rows, and the kernels still take it."""
+    from policy.pi05.config import get_config
+    from policy.pi05.examples import example_inputs
+    from policy.pi05.weights import random_model
+
+    model = random_model(get_config("tiny", chunk_size=50), dtype=torch.float32)
+    sampler = CompiledSampler(model, num_steps=1, torch_compile=False, expert_kernels="triton")
+    out = sampler(*example_inputs(model.config, 1, 8))
+    assert sampler.expert_kernel_rows == 50 and out.shape[1] == 50
+    assert set(sampler.kernel_status) == {f"{k}@50" for k in ("qkv_rope", "o_residual", "geglu", "down_residual")}
+    assert all(v.startswith("ok") for v in sampler.kernel_status.values()), sampler.kernel_status
+
+
+def test_pdl_is_turned_off_only_when_a_plain_launch_works(monkeypatch):
+    """A launch that fails only with programmatic dependent launch (an older driver) turns PDL off and
+    runs plainly; one that fails either way raises its own error and leaves PDL on for the next kernel."""
+    monkeypatch.setattr(et, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(et, "_PDL_BROKEN", [])
+    calls = []
+
+    def needs_plain(pdl):
+        calls.append(pdl)
+        if pdl:
+            raise RuntimeError("launch attribute not supported")
+
+    et._with_pdl(torch.device("cpu"), needs_plain)
+    assert calls == [True, False] and et._PDL_BROKEN and "attribute" in et._PDL_BROKEN[0]
+
+    monkeypatch.setattr(et, "_PDL_BROKEN", [])
+    calls.clear()
+
+    def broken(pdl):
+        calls.append(pdl)
+        raise ValueError("bad arguments")
+
+    with pytest.raises(ValueError, match="bad arguments"):
+        et._with_pdl(torch.device("cpu"), broken)
+    assert calls == [True, False] and et._PDL_BROKEN == []
+
+
+@triton.jit
+def _bounded_columns_probe(x_ptr, w_ptr, ws_ptr, cnt_ptr, out1_ptr, out2_ptr, M, N1, N, K: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_product's two column sets with their own bounds, as GEGLU uses them: cols1 (gate) < N1 = N / 2."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, 16)
+    acc1, acc2, sq, sh1, sh2, last = et._product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols + N1, M, N1, N, K,
+                                                 x_ptr, x_ptr, False, True, True, False, 16, BLOCK_N, BLOCK_K, True)
+    if last:
+        at = rows[:, None] * (tl.num_programs(0) * BLOCK_N) + cols[None, :]
+        tl.store(out1_ptr + at, acc1)
+        tl.store(out2_ptr + at, acc2)
+
+
+def test_a_tile_past_the_gate_columns_leaves_the_up_columns_alone():
+    """hidden = 40 is not a multiple of the 16-column tiles: the last gate tile's columns 40-47 are up
+    columns 0-7, which belong to the first tile's second half. They must count as outside (zeros), not be
+    computed (and, on a GPU, written to the workspace) twice by two tiles at once."""
+    rows, hidden, k = 10, 40, 64  # 3 tiles of 16 gate columns, 2 K slices of 32
+    x, w = _rand(rows, k, seed=40), _rand(2 * hidden, k, seed=41)
+    tiles = 3
+    out1, out2 = torch.full((16, tiles * 16), 9.0), torch.full((16, tiles * 16), 9.0)
+    scratch = et.Scratch()
+    ws, cnt = scratch.get(x.device, 2 * (16 * 2 * hidden + 16 + 2 * hidden), 16)
+    _bounded_columns_probe[(tiles, 2, 1)](x, w, ws, cnt, out1, out2, rows, hidden, 2 * hidden, k, BLOCK_N=16, BLOCK_K=32)
+    full = x @ w.T  # (rows, 2 * hidden)
+    assert torch.allclose(out1[:rows, :hidden], full[:, :hidden], atol=1e-4)
+    assert (out1[:, hidden:] == 0).all()  # past the gate columns: nothing
+    up = out2[:rows, :hidden]  # tile j's second half: up columns of the same index
+    assert torch.allclose(up, full[:, hidden:], atol=1e-4) and not cnt.any()
 
 
 def test_fp8_sampler_with_triton_expert_kernels_stays_close_to_eager(tiny, golden_inputs):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from policy.backends import expert_triton as et
+
 ROOT = Path(__file__).resolve().parents[1]
 
-COMPILE = r'''
-import itertools, json
+COMPILE = r"""
+import itertools, json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -26,8 +28,9 @@ P, F, I = "*bf16", "*fp32", "*i32"
 PTRS = {"w_scale_ptr": F, "gate_ptr": F, "scale_ptr": F, "shift_ptr": F, "ws_ptr": F, "cnt_ptr": I, "bias_ptr": F}
 INTS = {"M": "i32", "N": "i32", "T": "i32", "KEYS": "i32", "prefix_len": "i32", "eps": "fp32", "RB": "i32", "S": "i32",
         "R": "i32", "own_start": "i32", "own_end": "i32", "sm_scale": "fp32"}
+LOAD = re.compile(r"\bld\.global|\bcp\.async")
 
-def build(fn, consts, w_type=P):
+def build(fn, consts, warps, stages, w_type=P):
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         if n.endswith("_ptr"):
@@ -37,53 +40,77 @@ def build(fn, consts, w_type=P):
             sig[n] = INTS[n]
         else:
             sig[n] = "constexpr"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32))
-    lines = k.asm["ptx"].splitlines()
-    wait = next((i for i, l in enumerate(lines) if "griddepcontrol.wait" in l), None)
-    loads = [i for i, l in enumerate(lines) if "ld.global" in l]
-    return {"wait": wait, "loads_before_wait": sum(i < wait for i in loads) if wait is not None else 0,
-            "loads_after_wait": sum(i > wait for i in loads) if wait is not None else len(loads),
-            "vector_loads": sum("ld.global.v4" in lines[i] for i in loads),
-            "launch_dependents": any("griddepcontrol.launch_dependents" in l for l in lines)}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    lines = [l.strip() for l in k.asm["ptx"].splitlines()]
+    waits = [i for i, l in enumerate(lines) if l.startswith("griddepcontrol.wait")]
+    labels = [i for i, l in enumerate(lines) if l.startswith("$L__BB") and l.endswith(":")]
+    loads = [i for i, l in enumerate(lines) if LOAD.search(l)]
+    # per wait, the 16-byte loads in the same basic block before it (what is in flight while it waits)
+    block_v4 = [sum(max([j for j in labels if j < w], default=0) < i < w and "ld.global.v4" in lines[i] for i in loads)
+                for w in waits]
+    return {"waits": len(waits), "loads_before_first_wait": sum(i < waits[0] for i in loads) if waits else 0,
+            "loads_after_last_wait": sum(i > waits[-1] for i in loads) if waits else len(loads),
+            "v4_in_block_before_wait": max(block_v4, default=0), "threads": 32 * warps,
+            "launch_dependents": any(l.startswith("griddepcontrol.launch_dependents") for l in lines)}
 
 out = {}
-for split, fp8 in itertools.product([True, False], [False, True]):
-    blocks = dict(BLOCK_M=16 if split else 64, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split, W_FP8=fp8, IEEE=False, PDL=True)
-    w = "*fp8e4nv" if fp8 else P
-    tag = f"{'split' if split else 'loop'}{'-fp8' if fp8 else ''}"
-    out[f"gated_residual/{tag}"] = build(et._gated_residual_kernel, dict(K=4096, **blocks), w)
-    out[f"geglu/{tag}"] = build(et._geglu_kernel, dict(K=1024, GELU_C=et.GELU_C, **blocks), w)
-    out[f"qkv_rope/{tag}"] = build(et._qkv_rope_kernel, dict(K=1024, NQ=8, HD=256, **blocks), w)
-out["attention"] = build(et._attention_kernel, dict(HD=256, IEEE=False, PDL=True, BLOCK_Q=16, BLOCK_S=64))
+kernels = {"gated_residual": (et._gated_residual_kernel, dict(K=4096), 1),
+           "geglu": (et._geglu_kernel, dict(K=1024, GELU_C=et.GELU_C), 2),
+           "qkv_rope": (et._qkv_rope_kernel, dict(K=1024, NQ=8, HD=256), 2)}
+for name, (fn, extra, tiles) in kernels.items():
+    for i, c in enumerate(et.CONFIGS):
+        for fp8 in ([False, True] if i in (0, 4) else [False]):
+            kw = c.kwargs
+            consts = dict(extra, W_FP8=fp8, IEEE=False, PDL=True, **kw)
+            info = build(fn, consts, c.num_warps, c.num_stages, "*fp8e4nv" if fp8 else P)
+            # the weight tile(s) a split-K program prefetches, in 16-byte loads per thread
+            info["weight_v4"] = kw["BLOCK_N"] * kw["BLOCK_K"] * (1 if fp8 else 2) * tiles // (16 * info["threads"])
+            info["split"] = kw["SPLIT_K"]
+            out[f"{name}/{i}{'-fp8' if fp8 else ''}"] = info
+out["attention"] = build(et._attention_kernel, dict(HD=256, IEEE=False, PDL=True, BLOCK_Q=16, BLOCK_S=et.ATTN_BLOCK_S),
+                         et.ATTN_WARPS, 1)
+out["attention"]["kv_v4"] = 2 * et.ATTN_BLOCK_S * 256 * 2 // (16 * out["attention"]["threads"])
 out["gated_residual/no-pdl"] = build(et._gated_residual_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=True,
-                                                                     W_FP8=False, IEEE=False, PDL=False))
+                                                                     W_FP8=False, IEEE=False, PDL=False), 4, 1)
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def ptx():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_every_kernel_compiles_for_hopper_with_programmatic_dependent_launch(ptx):
+    """Every configuration autotuning may pick, bf16 and FP8 weights."""
+    assert len(ptx) == 3 * (len(et.CONFIGS) + 2) + 2
     for name, info in ptx.items():
         if name.endswith("no-pdl"):
-            assert info["wait"] is None and not info["launch_dependents"], name
+            assert info["waits"] == 0 and not info["launch_dependents"], name
         else:
-            assert info["wait"] is not None and info["launch_dependents"], name
+            assert info["waits"] >= 1 and info["launch_dependents"], name
 
 
-def test_split_k_kernels_load_their_weights_before_the_wait_and_their_inputs_after(ptx):
+def test_split_k_kernels_prefetch_their_weight_tiles_before_the_wait(ptx):
+    """A split-K program issues its whole weight tile (all of it: >= the tile's 16-byte loads per thread)
+    in the block that ends with the wait, and loads the activations after it; a K-loop program (more
+    rows) loads nothing before the wait, not even an asynchronous copy."""
     for name, info in ptx.items():
-        if "/split" in name:
-            assert info["loads_before_wait"] > 0 and info["loads_after_wait"] > 0, (name, info)
-            assert info["vector_loads"] > 0, (name, info)  # 16-byte loads: the weights stream at full width
-        elif "/loop" in name:  # more rows: a K loop, everything after the wait
-            assert info["loads_before_wait"] == 0, (name, info)
-    # attention: the prefix's K/V (and the key mask) before the wait, q (and the own keys) after it
-    assert ptx["attention"]["loads_before_wait"] > 0 and ptx["attention"]["loads_after_wait"] > 0
+        if info.get("split"):
+            assert info["v4_in_block_before_wait"] >= info["weight_v4"] > 0, (name, info)
+            assert info["loads_after_last_wait"] > 0, (name, info)
+        elif "split" in info:
+            assert info["loads_before_first_wait"] == 0, (name, info)
+
+
+def test_attention_prefetches_the_cached_prefix_keys_and_values_before_the_wait(ptx):
+    """Two waits (a split holding the action tokens' own keys waits before loading them); in the other,
+    the whole K and V tile is in flight before the wait, not just the key mask."""
+    info = ptx["attention"]
+    assert info["waits"] == 2 and info["v4_in_block_before_wait"] >= info["kv_v4"] > 0, info
+    assert info["loads_after_last_wait"] > 0

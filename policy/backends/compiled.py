@@ -224,15 +224,16 @@ class CompiledSampler:
     def __init__(self, model: Pi05Model, num_steps: int = 10, torch_compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
                  whole_step: bool = True, expert_kernels: str = "inductor", expert_attention: str = "compiled",
-                 expert_kernel_rows: int = 16, linear=None):
+                 expert_kernel_rows: int | None = None, linear=None):
         """torch_compile: compile the layer functions with inductor (False: run them eagerly, e.g. to check
         the fused structure); cuda_graphs: capture each stage (default: on CUDA); compile_mode /
         expert_compile_mode: torch.compile modes; attention: "matmul" or "sdpa"; whole_step: compile a
         denoise step's expert layers as one graph; expert_kernels: "inductor" or "triton" (the fused
         expert kernels); expert_attention (with expert_kernels="triton"): "compiled" (the attention
         function above, compiled) or "triton" (the split-key attention kernel); expert_kernel_rows: the fused
-        kernels run calls of at most this many action rows (batch x chunk; 16: one observation), larger
-        calls the inductor layer, which is faster there (H200, batch 16: README's Performance section);
+        kernels run calls of at most this many action rows (batch x chunk; default: one observation's
+        chunk), larger calls the inductor layer, which is faster there (H200, batch 16: README's
+        Performance section);
         linear: the matrix product (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
@@ -271,7 +272,7 @@ class CompiledSampler:
         self._fn = fns
         self._expert = {}  # prefix length -> compiled expert layer (prefix_len is baked in)
         self.expert_kernels = expert_kernels
-        self.expert_kernel_rows = int(expert_kernel_rows)
+        self.expert_kernel_rows = cfg.chunk_size if expert_kernel_rows is None else int(expert_kernel_rows)
         if self.expert_kernel_rows < 1:
             raise ValueError(f"expert_kernel_rows must be a positive number of rows, got {expert_kernel_rows!r}")
         self._kernels = self._expert_kernels(fns.get("attention")) if expert_kernels == "triton" else None

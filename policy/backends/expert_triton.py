@@ -40,7 +40,10 @@ kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is im
 checks their maths on the CPU, in fp32 and in bf16, both the split-K path (10 rows) and the K loop (more
 rows): the interpreter multiplies bf16 dot operands as fp32 (the same products and fp32 sums) and
 truncates casts to bf16 (`_rnd` rounds to nearest even by hand there). It runs programs one after
-another, so it checks the reduction's arithmetic, not its memory ordering (the GPU tests do).
+another, so it checks the reduction's arithmetic, not its memory ordering: that is the GPU tests' job
+(tests/test_gpu.py compares every kernel with its reference at real size, and replays a sampler's
+captured graphs many times expecting the same bits), and tests/test_expert_kernels_compile.py checks
+in the PTX that nothing but weights and constants is loaded before the wait.
 `ExpertKernels` checks every kernel against its torch reference on its first call (warm-up, before
 graph capture) and falls back to the reference, with a warning and a note in `status`, if the kernel
 fails to build or disagrees.
@@ -71,8 +74,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GELU_C = math.sqrt(2.0 / math.pi)
 
 # Block shapes tried at warm-up on a GPU (autotune keyed on M, N, K; prune_configs keeps the split-K
-# shapes for one observation and the K-loop shapes for more rows). Split-K, 10 rows: BLOCK_K 128-256
-# gives 4-32 slices, 300-600 programs for the H200's 132 SMs, one (BLOCK_N, BLOCK_K) weight tile each.
+# shapes for one observation and the K-loop shapes for more rows). Split-K, 10 rows: BLOCK_K 128-1024
+# gives 1-32 slices and hundreds of programs for the H200's 132 SMs, one (BLOCK_N, BLOCK_K) weight tile each.
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": True}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": True}, num_warps=4, num_stages=1),
@@ -134,11 +137,11 @@ def _load_w(w_ptr, cols, ks, N, K: tl.constexpr):
 
 
 @triton.jit
-def _slice_operands(w_ptr, cols1, cols2, ks, N, K: tl.constexpr, scale_ptr, shift_ptr,
+def _slice_operands(w_ptr, cols1, cols2, ks, N1, N, K: tl.constexpr, scale_ptr, shift_ptr,
                     NORM: tl.constexpr, PAIRED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """What a K slice multiplies that no earlier kernel writes: the weight tile(s), and for NORM the
-    adaRMS scale and shift of the slice's columns (zeros otherwise)."""
-    w1 = _load_w(w_ptr, cols1, ks, N, K)
+    """What a K slice multiplies that no earlier kernel writes: the weight tile(s) (cols1 valid below N1,
+    cols2 below N), and for NORM the adaRMS scale and shift of the slice's columns (zeros otherwise)."""
+    w1 = _load_w(w_ptr, cols1, ks, N1, K)
     w2 = w1
     if PAIRED:
         w2 = _load_w(w_ptr, cols2, ks, N, K)
@@ -171,11 +174,12 @@ def _mac(x_ptr, rows, ks, M, K: tl.constexpr, w1, w2, sc, sh, acc1, acc2, sq, sh
 
 
 @triton.jit
-def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.constexpr, scale_ptr, shift_ptr,
+def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N1, N, K: tl.constexpr, scale_ptr, shift_ptr,
              NORM: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The tile (rows, cols1 [, cols2]) of x @ w^T over all of K, in fp32, with (for NORM) each row's sum
-    of squares of x and shift @ w^T per column. Returns (acc1, acc2, sq, sh1, sh2, last): with SPLIT_K
+    """The tile (rows, cols1 [, cols2]) of x @ w^T (w: N rows of K) over all of K, in fp32, with (for NORM)
+    each row's sum of squares of x and shift @ w^T per column; columns cols1 >= N1 and cols2 >= N are
+    outside the product (masked: GEGLU's gate columns end where its up columns begin). Returns (acc1, acc2, sq, sh1, sh2, last): with SPLIT_K
     only the program that completes the tile (last) holds the full sums; the others hold partials."""
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -188,14 +192,14 @@ def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.cons
         pid_k = tl.program_id(1)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         # everything that does not depend on the previous kernel is loaded before the wait
-        w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
+        w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N1, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
         _wait_for_inputs(PDL)
         acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
                                         NORM, PAIRED, IEEE)
         if SPLIT > 1:
             # partials to the workspace: [SPLIT, M_PAD, N] sums, [SPLIT, M_PAD] squares, [SPLIT, N] shift @ w^T
             m_pad = tl.num_programs(2) * BLOCK_M
-            c1_ok = cols1 < N
+            c1_ok = cols1 < N1
             c2_ok = cols2 < N
             at = ws_ptr + (pid_k * m_pad + rows)[:, None] * N
             tl.store(at + cols1[None, :], acc1, mask=c1_ok[None, :])
@@ -235,7 +239,7 @@ def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N, K: tl.cons
         _wait_for_inputs(PDL)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
+            w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N1, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
             acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
                                             NORM, PAIRED, IEEE)
     return acc1, acc2, sq, sh1, sh2, last
@@ -263,7 +267,7 @@ def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, s
     d = (pid_n % (HD // 2 // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # in [0, HD/2)
     cols1 = head * HD + d
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc1, acc2, sq, sh1, sh2, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols1 + HD // 2, M, N, K,
+    acc1, acc2, sq, sh1, sh2, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols1 + HD // 2, M, N, N, K,
                                               scale_ptr, shift_ptr, True, True, IEEE, PDL,
                                               BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     if last:
@@ -304,7 +308,7 @@ def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr
     """out = res + gate * (a @ w^T): the expert's gated residual after o_proj and down_proj."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc, _, _, _, _, last = _product(a_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols, M, N, K, gate_ptr, gate_ptr,
+    acc, _, _, _, _, last = _product(a_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols, M, N, N, K, gate_ptr, gate_ptr,
                                      False, False, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     if last:
         if W_FP8:
@@ -326,7 +330,7 @@ def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, ws_p
     hidden = N // 2
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate column c pairs with up column hidden + c
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc_g, acc_u, sq, sh_g, sh_u, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols + hidden, M, N, K,
+    acc_g, acc_u, sq, sh_g, sh_u, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols + hidden, M, hidden, N, K,
                                                   scale_ptr, shift_ptr, True, True, IEEE, PDL,
                                                   BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     if last:
@@ -362,7 +366,9 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, R
     ks = split * BLOCK_S + tl.arange(0, BLOCK_S)
     k_ok = ks < S
     kv = (b * S + ks)[:, None] * HD + d[None, :]  # cache (B, S, HD)
-    bias = tl.load(bias_ptr + b * S + ks, mask=k_ok, other=-2.3819763e38)
+    # clamped to openpi's finite big negative: a split whose keys are all masked then weighs exactly 0
+    # in the merge even if a caller masked with -inf (exp(-inf - -inf) would be NaN)
+    bias = tl.maximum(tl.load(bias_ptr + b * S + ks, mask=k_ok, other=-2.3819763e38), -2.3819763e38)
     own = (split * BLOCK_S < own_end) & (split * BLOCK_S + BLOCK_S > own_start)
     if own:
         _wait_for_inputs(PDL)
@@ -461,7 +467,7 @@ class Scratch:
         return ws, cnt
 
 
-DEFAULT_SCRATCH = Scratch()
+DEFAULT_SCRATCH = Scratch()  # for direct calls of the launchers; one stream at a time (ExpertKernels has its own)
 use_pdl = True  # False: plain launches (for A/B timing: scripts/gpu/expert_step_bench.py)
 _PDL_BROKEN: list[str] = []  # the error of a first failed PDL launch; later launches go without PDL
 
@@ -470,21 +476,26 @@ def _product_scratch(scratch: Scratch, device, m: int, n: int, k: int) -> tuple[
     """Room for the largest split any configuration makes of an (m, n, k) product."""
     if m > SPLIT_ROWS:
         return scratch.get(device, 1, 1)
-    slice_k = INTERPRETER_BLOCKS["BLOCK_K"] if INTERPRET else min(c.kwargs["BLOCK_K"] for c in CONFIGS if c.kwargs["SPLIT_K"])
-    split, m_pad = triton.cdiv(k, slice_k), SPLIT_ROWS
+    split_configs = [c.kwargs for c in CONFIGS if c.kwargs["SPLIT_K"]]
+    slice_k = INTERPRETER_BLOCKS["BLOCK_K"] if INTERPRET else min(c["BLOCK_K"] for c in split_configs)
+    block_m = 16 if INTERPRET else max(c["BLOCK_M"] for c in split_configs)
+    split, m_pad = triton.cdiv(k, slice_k), triton.cdiv(SPLIT_ROWS, block_m) * block_m  # rows as the kernels pad them
     return scratch.get(device, split * (m_pad * n + m_pad + n), n)  # tiles <= n column blocks of >= 1
 
 
 def _with_pdl(device, launch) -> None:
     """launch(pdl) with programmatic dependent launch where the GPU and Triton have it; if such a launch
-    fails (an older driver or Triton), this and every later launch go without it."""
+    fails where a plain one works (an older driver or Triton), this and every later launch go without it.
+    If the plain launch fails too, its error propagates and PDL stays on."""
     if use_pdl and pdl_supported(device) and not _PDL_BROKEN:
         try:
             launch(True)
             return
         except Exception as exc:
+            launch(False)  # fails too (a kernel that does not build, bad arguments): that error, PDL kept
             _PDL_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:200]}")
             log.warning("programmatic dependent launch failed (%s); launching the expert kernels without it", _PDL_BROKEN[0])
+            return
     launch(False)
 
 
