@@ -233,8 +233,7 @@ class CompiledSampler:
         function above, compiled) or "triton" (the split-key attention kernel); expert_kernel_rows: the fused
         kernels run calls of at most this many action rows (batch x chunk; default: one observation's
         chunk), larger calls the inductor layer, which is faster there (H200, batch 16: README's
-        Performance section);
-        linear: the matrix product (the fp8 backend passes its own)."""
+        Performance section); linear: the matrix product (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
         self.device = model.llm.embed_tokens.weight.device
@@ -410,8 +409,7 @@ class CompiledSampler:
             h = m.action_in_proj(x).to(self.dtype)
             mods = self.mods[step]
             if kernels is not None:
-                h = kernels.stack(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"],
-                                        st.prefix_len)
+                h = kernels.stack(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"], st.prefix_len)
             elif self._whole_step:
                 h = layer(h, mods, st.cos, st.sin, st.bias, st.k, st.v, self.weights["expert"])
             else:

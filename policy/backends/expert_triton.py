@@ -90,7 +90,10 @@ CONFIGS = [
 ]
 SPLIT_ROWS = 16  # up to this many rows the products split K; beyond, a program loops over K
 WIDEST_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)  # q|k|v tiles hold RoPE pairs: head_dim / 2 must divide by it
-INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}  # small blocks: the interpreter runs programs one by one
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}  # small: the interpreter runs programs one by one
+# what sizes the split-K workspace: the narrowest K slice (most slices) and the rows the split shapes pad to
+SLICE_K = INTERPRETER_BLOCKS["BLOCK_K"] if INTERPRET else min(c.kwargs["BLOCK_K"] for c in CONFIGS if c.kwargs["SPLIT_K"])
+SPLIT_BLOCK_M = INTERPRETER_BLOCKS["BLOCK_M"] if INTERPRET else max(c.kwargs["BLOCK_M"] for c in CONFIGS if c.kwargs["SPLIT_K"])
 
 
 # ----- kernels -------------------------------------------------------------------------------------
@@ -476,10 +479,7 @@ def _product_scratch(scratch: Scratch, device, m: int, n: int, k: int) -> tuple[
     """Room for the largest split any configuration makes of an (m, n, k) product."""
     if m > SPLIT_ROWS:
         return scratch.get(device, 1, 1)
-    split_configs = [c.kwargs for c in CONFIGS if c.kwargs["SPLIT_K"]]
-    slice_k = INTERPRETER_BLOCKS["BLOCK_K"] if INTERPRET else min(c["BLOCK_K"] for c in split_configs)
-    block_m = 16 if INTERPRET else max(c["BLOCK_M"] for c in split_configs)
-    split, m_pad = triton.cdiv(k, slice_k), triton.cdiv(SPLIT_ROWS, block_m) * block_m  # rows as the kernels pad them
+    split, m_pad = triton.cdiv(k, SLICE_K), triton.cdiv(SPLIT_ROWS, SPLIT_BLOCK_M) * SPLIT_BLOCK_M  # rows as padded
     return scratch.get(device, split * (m_pad * n + m_pad + n), n)  # tiles <= n column blocks of >= 1
 
 
@@ -502,7 +502,8 @@ def _with_pdl(device, launch) -> None:
 def _launch(fn, grid_fn, args: dict, m: int, pair_width: int | None):
     """Autotuned on a GPU; in the interpreter, the smallest blocks that fit (it runs programs one by one)."""
     if INTERPRET:
-        blocks = {"BLOCK_M": 16 if m <= SPLIT_ROWS else 32, "BLOCK_N": min(INTERPRETER_BLOCKS["BLOCK_N"], pair_width or 16),
+        blocks = {"BLOCK_M": INTERPRETER_BLOCKS["BLOCK_M"] * (1 if m <= SPLIT_ROWS else 2),
+                  "BLOCK_N": min(INTERPRETER_BLOCKS["BLOCK_N"], pair_width or 16),
                   "BLOCK_K": INTERPRETER_BLOCKS["BLOCK_K"], "SPLIT_K": m <= SPLIT_ROWS}
         fn[grid_fn(blocks)](**args, PDL=False, **blocks)
         return
