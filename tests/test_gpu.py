@@ -203,6 +203,54 @@ def test_triton_expert_kernels_match_torch_at_real_size(big, cuda, expert0, rows
     assert not failures, failures
 
 
+@pytest.mark.parametrize("mlp_fp8", [False, True])
+def test_persistent_step_kernel_matches_the_layer_references_at_real_size(big, cuda, mlp_fp8):
+    """The whole step's 18 expert layers in one persistent kernel (policy/backends/expert_step.py) against the
+    fused kernels' torch references chained, real weights of every layer, bf16 (and the FP8 MLP), a
+    544-token prefix; no grid barrier gave up; the same bits on a second launch. Prints both times."""
+    from policy.backends import expert_step as es
+    from policy.backends import expert_triton as et
+    from policy.backends.compiled import MASKED
+    from policy.backends.fp8 import E4M3_MAX, Fp8Matrix, quantize
+    from policy.backends.fused import fused_weights, precompute_modulations
+    from policy.pi05.gemma import rope_cos_sin
+
+    cfg = big.config
+    layers = fused_weights(big)["expert"]
+    if mlp_fp8:
+        def fp8(m):
+            s = (m.abs().amax().float() / E4M3_MAX).reshape(())
+            return Fp8Matrix(quantize(m, s).contiguous(), s, s)
+        layers = [w._replace(gate_up=fp8(w.gate_up), down=fp8(w.down)) for w in layers]
+    weights = es.stack_layers(layers)
+    t, width, heads, hd, keys, prefix_len = cfg.chunk_size, cfg.expert_width, cfg.num_heads, cfg.head_dim, 576, 544
+    g = torch.Generator(device=cuda).manual_seed(3)
+    x = torch.randn(1, t, width, device=cuda, generator=g).to(torch.bfloat16)
+    mods = precompute_modulations(big, [0.7])[0][0].contiguous()  # (depth, 6, width) at t = 0.7
+    cos, sin = (c[:, 0].contiguous() for c in rope_cos_sin(prefix_len + torch.arange(t, device=cuda)[None], hd,
+                                                             cfg.rope_theta, torch.bfloat16))
+    ks = list(torch.randn(cfg.depth, 1, keys, hd, device=cuda, generator=g).to(torch.bfloat16).unbind(0))
+    vs = list(torch.randn(cfg.depth, 1, keys, hd, device=cuda, generator=g).to(torch.bfloat16).unbind(0))
+    bias = torch.full((1, 1, keys), MASKED, device=cuda)
+    bias[:, :, : prefix_len + t] = 0.0
+    args = (x, mods, cos, sin, bias, ks, vs, weights, prefix_len)
+    step = es.ExpertStep(heads, cfg.norm_eps)
+    assert step.supports(x, ks, vs, weights)
+    out = step(*args)
+    again = step(*args)
+    ref = et.reference_stack(*args, heads=heads, eps=cfg.norm_eps)
+    d = (out.float() - ref.float()).abs()
+    scale = float(ref.float().abs().max())
+    t_step = _time_us(lambda: step(*args))
+    layers_only = et.ExpertKernels(heads, cfg.norm_eps, None, persistent=False)
+    t_layers = _time_us(lambda: layers_only.stack(*args))
+    print(f"\n[{torch.cuda.get_device_name(0)}] persistent step mlp_fp8 {mlp_fp8}: {t_step:.1f} us a step "
+          f"(per-layer kernels {t_layers:.1f} us); max |d| {float(d.max()):.2e} (|ref| max {scale:.2e}), mean {float(d.mean()):.2e}")
+    assert not step.failed(cuda)
+    assert torch.equal(out, again)
+    assert float(d.max()) <= 3e-2 * scale and float(d.mean()) <= 3e-3 * scale
+
+
 @pytest.mark.parametrize("backend,attention", [("compile", "triton"), ("fp8", "triton")])  # bench rows: the rest
 def test_samplers_with_triton_expert_kernels_match_eager(big, cuda, backend, attention):
     """The full sampler with expert_kernels="triton" against eager (the issue's accuracy bars: compile vs
@@ -237,6 +285,7 @@ def test_fused_kernels_give_the_same_bits_over_many_graph_replays(big, cuda, bac
     sampler = make_sampler(backend, big, num_steps=10, expert_kernels="triton")
     inputs = _host_masks(example_inputs(big.config, 1, 24, cuda, seed=7))
     first = sampler(*inputs)
-    assert all(s.startswith("ok") for s in sampler.kernel_status.values()) and sampler.kernel_status
+    assert all(s.startswith("ok") for s in sampler.kernel_status.values()) and "step@10" in sampler.kernel_status
     differ = sum(not torch.equal(sampler(*inputs), first) for _ in range(300))
     assert differ == 0, f"{differ} of 300 calls differed from the first"
+    assert not sampler._kernels.step.failed(cuda)  # no grid barrier of the persistent step kernel gave up

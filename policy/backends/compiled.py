@@ -224,7 +224,7 @@ class CompiledSampler:
     def __init__(self, model: Pi05Model, num_steps: int = 10, torch_compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
                  whole_step: bool = True, expert_kernels: str = "inductor", expert_attention: str = "compiled",
-                 expert_kernel_rows: int | None = None, linear=None):
+                 expert_kernel_rows: int | None = None, expert_persistent: bool = True, linear=None):
         """torch_compile: compile the layer functions with inductor (False: run them eagerly, e.g. to check
         the fused structure); cuda_graphs: capture each stage (default: on CUDA); compile_mode /
         expert_compile_mode: torch.compile modes; attention: "matmul" or "sdpa"; whole_step: compile a
@@ -233,7 +233,9 @@ class CompiledSampler:
         function above, compiled) or "triton" (the split-key attention kernel); expert_kernel_rows: the fused
         kernels run calls of at most this many action rows (batch x chunk; default: one observation's
         chunk), larger calls the inductor layer, which is faster there (H200, batch 16: README's
-        Performance section); linear: the matrix product (the fp8 backend passes its own)."""
+        Performance section); expert_persistent (with expert_kernels="triton"): one observation's step runs
+        as one persistent kernel (policy/backends/expert_step.py) rather than five kernels a layer;
+        linear: the matrix product (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
         self.device = model.llm.embed_tokens.weight.device
@@ -274,7 +276,8 @@ class CompiledSampler:
         self.expert_kernel_rows = cfg.chunk_size if expert_kernel_rows is None else int(expert_kernel_rows)
         if self.expert_kernel_rows < 1:
             raise ValueError(f"expert_kernel_rows must be a positive number of rows, got {expert_kernel_rows!r}")
-        self._kernels = self._expert_kernels(fns.get("attention")) if expert_kernels == "triton" else None
+        self._kernels = self._expert_kernels(fns.get("attention"), bool(expert_persistent)) \
+            if expert_kernels == "triton" else None
         self._compile, self._compile_mode = torch_compile, compile_mode
         self._expert_mode = expert_compile_mode or compile_mode
         self._whole_step = bool(whole_step)
@@ -289,8 +292,8 @@ class CompiledSampler:
         """Hook for subclasses (FP8 swaps matrices here)."""
         return weights
 
-    def _expert_kernels(self, attention):
-        from policy.backends import expert_triton  # imports triton: only for this option
+    def _expert_kernels(self, attention, persistent: bool):
+        from policy.backends import expert_step, expert_triton  # import triton: only for this option
 
         hd = self.cfg.head_dim
         if self.device.type != "cuda" and not expert_triton.INTERPRET:
@@ -298,7 +301,9 @@ class CompiledSampler:
         if self.device.type == "cuda" and (hd // 2) % expert_triton.WIDEST_N:
             raise ValueError(f"expert_kernels='triton' needs head_dim / 2 to be a multiple of {expert_triton.WIDEST_N}, "
                              f"got head_dim {hd}")
-        return expert_triton.ExpertKernels(self.cfg.num_heads, self.cfg.norm_eps, attention)
+        if persistent:  # the step kernel takes each kind's matrices as one (depth, N, K) tensor
+            self.weights["expert"] = expert_step.stack_layers(self.weights["expert"])
+        return expert_triton.ExpertKernels(self.cfg.num_heads, self.cfg.norm_eps, attention, persistent=persistent)
 
     @property
     def kernel_status(self) -> dict[str, str]:
@@ -340,7 +345,8 @@ class CompiledSampler:
         length = n_img + shape.prompt
         h = cfg.chunk_size
         keys = -(-(length + h) // KEY_ALIGN) * KEY_ALIGN
-        kv = lambda: torch.zeros(b, keys, cfg.head_dim, dtype=self.dtype, device=dev)  # noqa: E731
+        # one (depth, B, S, hd) tensor per cache, a view per layer (the persistent step kernel takes them whole)
+        kv = lambda: list(torch.zeros(cfg.depth, b, keys, cfg.head_dim, dtype=self.dtype, device=dev).unbind(0))  # noqa: E731
         bias = torch.full((b, 1, keys), MASKED, device=dev)
         bias[:, :, length:length + h] = 0.0  # the action tokens always see each other
         st = _State(
@@ -350,7 +356,7 @@ class CompiledSampler:
             token_mask=torch.zeros(b, shape.prompt, dtype=torch.bool, device=dev),
             noise=torch.zeros(b, h, cfg.action_dim, device=dev),
             image_tokens=torch.zeros(b, n_img, cfg.width, dtype=self.dtype, device=dev),
-            prefix_len=length, k=[kv() for _ in range(cfg.depth)], v=[kv() for _ in range(cfg.depth)],
+            prefix_len=length, k=kv(), v=kv(),
             bias=bias,
             cos=torch.zeros(b, h, cfg.head_dim, dtype=self.dtype, device=dev),
             sin=torch.zeros(b, h, cfg.head_dim, dtype=self.dtype, device=dev),

@@ -25,12 +25,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from policy.backends import expert_step as es  # noqa: E402
 from policy.backends import expert_triton as et  # noqa: E402
 from policy.backends.compiled import MASKED, attention_fn, expert_stack  # noqa: E402
 from policy.backends.fused import ExpertWeights  # noqa: E402
 from policy.pi05.config import get_config  # noqa: E402
 from policy.pi05.gemma import rope_cos_sin  # noqa: E402
 
+STEP_CONFIGS = {  # alternatives to the step kernel's defaults (expert_step.WARPS / MAX_BK), timed in the same process
+    "4 warps": {"WARPS": 4},
+    "K slices 512/128": {"MAX_BK": {"Q": 128, "G": 128, "O": 512, "D": 512}},
+    "K slices 1024/512": {"MAX_BK": {"Q": 512, "G": 512, "O": 1024, "D": 1024}},
+}
 BANDWIDTH = 4.3e12  # bytes/s: a device-to-device copy on these H200s (KINDS.md)
 
 
@@ -43,14 +49,15 @@ def make_problem(rows: int, seed: int = 0):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, device=dev, generator=g) * scale).to(dt)
 
-    weights = [ExpertWeights(qkv=rnd((h + 2) * hd, w_, scale=w_ ** -0.5), o=rnd(w_, h * hd, scale=(h * hd) ** -0.5),
-                             gate_up=rnd(2 * mlp, w_, scale=w_ ** -0.5), down=rnd(w_, mlp, scale=mlp ** -0.5))
-               for _ in range(depth)]
+    weights = es.stack_layers([ExpertWeights(qkv=rnd((h + 2) * hd, w_, scale=w_ ** -0.5),
+                                             o=rnd(w_, h * hd, scale=(h * hd) ** -0.5),
+                                             gate_up=rnd(2 * mlp, w_, scale=w_ ** -0.5), down=rnd(w_, mlp, scale=mlp ** -0.5))
+                               for _ in range(depth)])  # as the samplers hold them: one (depth, N, K) tensor per kind
     b, t = rows // cfg.chunk_size, cfg.chunk_size
     prefix_len, keys = 544, 576
     mods = torch.randn(depth, 6, w_, device=dev, generator=g) * 0.3
-    ks = [rnd(b, keys, hd) for _ in range(depth)]
-    vs = [rnd(b, keys, hd) for _ in range(depth)]
+    ks = list(rnd(depth, b, keys, hd).unbind(0))  # one cache tensor, a view per layer (as the samplers)
+    vs = list(rnd(depth, b, keys, hd).unbind(0))
     bias = torch.full((b, 1, keys), MASKED, device=dev)
     bias[:, :, : prefix_len + t] = 0.0
     pos = prefix_len + torch.arange(t, device=dev).expand(b, t)
@@ -76,16 +83,27 @@ def variants(p, old_path: str | None):
     out = {"inductor (compile backend)": lambda x: inductor(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"],
                                                           p["weights"])}
 
-    def kernels(module, attention, pdl=True):
-        fused = module.ExpertKernels(heads, eps, attention)
+    def kernels(module, attention, pdl=True, persistent=False, step_config=None):
+        extra = {"persistent": persistent} if module is et else {}
+        fused = module.ExpertKernels(heads, eps, attention, **extra)
 
         def run(x):
             if hasattr(module, "use_pdl"):
                 module.use_pdl = pdl
-            return fused.stack(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
+            saved = {k: getattr(es, k) for k in (step_config or {})}
+            for k, v in (step_config or {}).items():  # the step kernel's launch reads these at call time
+                setattr(es, k, v)
+            try:
+                return fused.stack(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
+            finally:
+                for k, v in saved.items():
+                    setattr(es, k, v)
         run.status = fused.status
         return run
 
+    out["persistent step kernel"] = kernels(et, None, persistent=True)
+    for label, config in STEP_CONFIGS.items():
+        out[f"persistent step kernel, {label}"] = kernels(et, None, persistent=True, step_config=config)
     out["triton, triton attention, PDL"] = kernels(et, None, True)
     out["triton, triton attention, no PDL"] = kernels(et, None, False)
     out["triton, compiled attention, PDL"] = kernels(et, compiled_attn, True)

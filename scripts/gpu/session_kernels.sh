@@ -17,7 +17,7 @@ log "commit $(cat .COMMIT 2>/dev/null)"; nvidia-smi --query-gpu=name,driver_vers
 python -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 if [[ " $stages " == *" step "* ]]; then
   log "expert step, 10 rows"
-  timeout 150 python scripts/gpu/expert_step_bench.py --rows 10 --out "$out/step10.json" ${OLD:+--old "$OLD"}
+  timeout 200 python scripts/gpu/expert_step_bench.py --rows 10 --out "$out/step10.json" ${OLD:+--old "$OLD"}
 fi
 if [[ " $stages " == *" step160 "* ]]; then
   log "expert step, 160 rows"
@@ -25,8 +25,8 @@ if [[ " $stages " == *" step160 "* ]]; then
 fi
 if [[ " $stages " == *" tests "* ]]; then
   log "GPU tests of the fused kernels"
-  timeout 150 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py -k "triton" > "$out/gpu_tests.log" 2>&1
-  log "rc=$? $(tail -1 "$out/gpu_tests.log")"; grep -E "^\[|triton" "$out/gpu_tests.log" | grep -E " us|vs eager" | head -30
+  timeout 300 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py -k "triton or persistent" > "$out/gpu_tests.log" 2>&1
+  log "rc=$? $(tail -1 "$out/gpu_tests.log")"; grep -E "^\[|triton|persistent" "$out/gpu_tests.log" | grep -E " us|vs eager" | head -30
 fi
 if [[ " $stages " == *" bench "* ]]; then
   log "bench batch 1"

@@ -1,0 +1,296 @@
+"""The whole denoising step's action-expert layers as ONE persistent Triton kernel (one observation).
+
+Why: the per-layer kernels (policy/backends/expert_triton.py) bring a layer to ~39 us on an H200 against
+~8 us for its weights: five dependent kernels, each paying a launch and a chain of memory round trips
+(README's Performance section). Here one launch runs all 18 layers: one program per SM, each looping
+over the layers and, per layer, over five stages:
+
+  Q  q|k|v + RoPE (adaRMS folded in)       A  attention over [prefix K/V ; own K/V]
+  O  x1 = x + gate1 * (attn @ Wo^T)        G  gelu_tanh(h @ Wg^T) * (h @ Wu^T), h = adaRMS(x1)
+  D  x2 = x1 + gate2 * (hidden @ Wd^T)
+
+A stage's work items (split-K tiles of a product, query-block x key-split tiles of the attention) go
+round-robin over the programs; each item is exactly the per-layer kernels' tile (the same @triton.jit
+bodies: one home for the maths), its reduction by the program that completes the tile included.
+
+Between stages, a split-phase grid barrier: a program arrives (one release atomic on the stage's
+counter, after its stores) when its items are done, and waits (spins until every program has arrived,
+then acquires) only before its first item of the next stage reads them, AFTER issuing that item's weight
+loads. So weights stream while the barrier settles (what programmatic dependent launch did between
+kernels, now without launches), and a program with no item in a stage goes straight on to prefetch the
+next. Every counter is reset in the same launch (the last program to arrive at barrier b resets b - 1;
+the last barrier resets itself), so a CUDA graph replays it as is. A barrier that spins for seconds
+(programs not co-resident: more programs than fit, or a GPU shared with other work) gives up and raises
+a sticky error flag instead of hanging (`ExpertStep.failed()`).
+
+Deadlock freedom needs every program resident at once: one program per SM (the grid is the SM count)
+and one program fits an SM whenever the kernel launches at all.
+
+Weights and caches as the kernel takes them: each kind's 18 matrices in one (depth, N, K) tensor and the
+KV cache in one (depth, B, KEYS, hd) tensor, found from the per-layer tensors when they are evenly spaced
+views of one storage (`stacked_view`); `stack_layers` makes the samplers' expert weights so (no copy
+kept). Anything else runs the per-layer kernels.
+
+In Triton's interpreter (CI) the same kernel runs as ONE program, which then does every item of every
+stage in order and passes each barrier at once: that checks all of the maths on the CPU, the split-K
+reductions included; the barriers' memory ordering is the GPU tests' job (tests/test_gpu.py).
+
+References: CUDA cooperative groups' grid sync (arrive, spin, fence) for the barrier; "Hazy Research,
+Look Ma, No Bubbles! (2025)" for why one persistent kernel per forward pass beats a chain of small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from policy.backends import expert_triton as et
+from policy.backends.fused import ExpertWeights
+
+STAGES = 5  # Q, A, O, G, D: barrier counters per layer
+WARPS = 8
+BLOCK_M = 16  # rows: one observation (10 action tokens) padded to the tensor-core tile
+MAX_ROWS = BLOCK_M
+WIDEST_N = 32  # a product's tile width on a GPU (RoPE pairs need head_dim / 2 to divide by it)
+# the longest K slice per stage that compiles without register spills at WARPS warps (ptxas 12.8, Triton
+# 3.6, sm_90: the adaRMS-folded, paired q|k|v and gate|up tiles need about twice the registers of a plain one)
+MAX_BK = {"Q": 256, "G": 256, "O": 1024, "D": 1024}
+NOMINAL_PROGRAMS = 32  # the interpreter runs one program but sizes the split-K tiles as if for this many
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def stage_blocks(width: int, mlp: int, heads: int, hd: int, programs: int, widest: int = WIDEST_N,
+                 max_bk: dict | None = None) -> dict:
+    """Per product stage (Q, O, G, D), the tile width BLOCK_N and K slice BLOCK_K: K slices no longer than
+    the stage's MAX_BK (what fits the registers without spilling), and more (a power of two) while the
+    stage's items stay within one per program."""
+    max_bk = MAX_BK if max_bk is None else max_bk
+    stages = {  # name: (output columns (RoPE pairs, gate/up pairs), K, tile width)
+        "Q": ((heads + 2) * (hd // 2), width, min(widest, hd // 2)),
+        "O": (width, heads * hd, widest),
+        "G": (mlp, width, min(2 * widest, mlp)),
+        "D": (width, mlp, widest),
+    }
+    out = {}
+    for name, (cols, k, bn) in stages.items():
+        tiles = triton.cdiv(cols, bn)
+        split = 1
+        while _pow2_at_least(triton.cdiv(k, split)) > max_bk.get(name, k):
+            split *= 2
+        while tiles * split * 2 <= programs and triton.cdiv(k, split * 2) >= 16:
+            split *= 2
+        out[f"{name}_BN"], out[f"{name}_BK"] = bn, _pow2_at_least(triton.cdiv(k, split))
+    return out
+
+
+@triton.jit
+def _arrive(bar_ptr, idx, last_idx, nprog):
+    """This program's stores of a stage are done: release them on barrier counter idx. The last program to
+    arrive resets counter idx - 1 (everyone has passed its wait: they all got here), and the last
+    barrier resets itself (nobody waits on it)."""
+    tl.debug_barrier()
+    old = tl.atomic_add(bar_ptr + idx, 1, sem="release", scope="gpu")
+    if old == nprog - 1:
+        if idx > 0:
+            tl.atomic_xchg(bar_ptr + idx - 1, 0)
+        if idx == last_idx:
+            tl.atomic_xchg(bar_ptr + idx, 0)
+
+
+@triton.jit
+def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
+                 wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, sqkv_ptr, so_ptr, sgu_ptr, sd_ptr,
+                 mods_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, bias_ptr, ws_ptr, cnt_ptr, bar_ptr, err_ptr,
+                 M, T, KEYS, prefix_len, eps, sm_scale,
+                 DEPTH: tl.constexpr, WIDTH: tl.constexpr, MLP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+                 F8_QKV: tl.constexpr, F8_O: tl.constexpr, F8_GU: tl.constexpr, F8_D: tl.constexpr,
+                 IEEE: tl.constexpr, GELU_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                 Q_BN: tl.constexpr, Q_BK: tl.constexpr, O_BN: tl.constexpr, O_BK: tl.constexpr,
+                 G_BN: tl.constexpr, G_BK: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr,
+                 ATT_BQ: tl.constexpr, ATT_BS: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    NQKV: tl.constexpr = (NQ + 2) * HD
+    ATT: tl.constexpr = NQ * HD
+    Q_TILES: tl.constexpr = (NQ + 2) * (HD // 2 // Q_BN)
+    Q_SPLIT: tl.constexpr = (WIDTH + Q_BK - 1) // Q_BK
+    O_TILES: tl.constexpr = (WIDTH + O_BN - 1) // O_BN
+    O_SPLIT: tl.constexpr = (ATT + O_BK - 1) // O_BK
+    G_TILES: tl.constexpr = (MLP + G_BN - 1) // G_BN
+    G_SPLIT: tl.constexpr = (WIDTH + G_BK - 1) // G_BK
+    D_TILES: tl.constexpr = (WIDTH + D_BN - 1) // D_BN
+    D_SPLIT: tl.constexpr = (MLP + D_BK - 1) // D_BK
+    batch = M // T
+    rb = T * NQ  # query rows per batch row: (token, head)
+    nq = (rb + ATT_BQ - 1) // ATT_BQ
+    nsplit = (KEYS + ATT_BS - 1) // ATT_BS
+    last_bar = DEPTH * 5 - 1
+    for layer in range(DEPTH):
+        lw = tl.cast(layer, tl.int64)
+        src = tl.where(layer == 0, x_ptr, out_ptr)  # the layer's input: the step's, then the last layer's x2
+        mods = mods_ptr + layer * 6 * WIDTH
+        k_l = k_ptr + lw * batch * KEYS * HD
+        v_l = v_ptr + lw * batch * KEYS * HD
+        bar = layer * 5  # this layer's barriers: bar + 0 (Q done) .. bar + 4 (D done)
+        # Q: waits for the previous layer's D (the first layer's input is ready at launch)
+        for item in range(pid, Q_TILES * Q_SPLIT, nprog):
+            et._qkv_rope_tile(src, wqkv_ptr + lw * NQKV * WIDTH, sqkv_ptr + layer, mods, mods + WIDTH, cos_ptr, sin_ptr,
+                              q_ptr, k_l, v_l, ws_ptr, cnt_ptr, M, NQKV, WIDTH, T, KEYS, prefix_len, eps, NQ, HD, F8_QKV,
+                              IEEE, False, BLOCK_M, Q_BN, Q_BK, True, item // Q_SPLIT, item % Q_SPLIT, 0, Q_TILES, BLOCK_M,
+                              True, bar_ptr + bar - 1, nprog, err_ptr, (item == pid) & (layer > 0), True)
+        _arrive(bar_ptr, bar, last_bar, nprog)
+        # A: q and the own K/V from Q
+        for item in range(pid, batch * nq * nsplit, nprog):
+            b = item // (nq * nsplit)
+            rest = item % (nq * nsplit)
+            et._attention_tile(q_ptr, k_l, v_l, bias_ptr, attn_ptr, ws_ptr, cnt_ptr, rb, KEYS, M * NQ, prefix_len,
+                               prefix_len + T, sm_scale, HD, IEEE, False, ATT_BQ, ATT_BS, rest // nsplit, rest % nsplit, b,
+                               nq, nsplit, True, bar_ptr + bar, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 1, last_bar, nprog)
+        # O: x1 = x + gate1 * (attn @ Wo^T)
+        for item in range(pid, O_TILES * O_SPLIT, nprog):
+            et._gated_residual_tile(attn_ptr, wo_ptr + lw * WIDTH * ATT, so_ptr + layer, src, mods + 2 * WIDTH, x1_ptr,
+                                    ws_ptr, cnt_ptr, M, WIDTH, ATT, F8_O, IEEE, False, BLOCK_M, O_BN, O_BK, True,
+                                    item // O_SPLIT, item % O_SPLIT, 0, O_TILES, BLOCK_M,
+                                    True, bar_ptr + bar + 1, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 2, last_bar, nprog)
+        # G: hidden = gelu(h Wg^T) * (h Wu^T), h = adaRMS(x1)
+        for item in range(pid, G_TILES * G_SPLIT, nprog):
+            et._geglu_tile(x1_ptr, wgu_ptr + lw * 2 * MLP * WIDTH, sgu_ptr + layer, mods + 3 * WIDTH, mods + 4 * WIDTH,
+                           hid_ptr, ws_ptr, cnt_ptr, M, 2 * MLP, WIDTH, eps, F8_GU, IEEE, False, GELU_C,
+                           BLOCK_M, G_BN, G_BK, True, item // G_SPLIT, item % G_SPLIT, 0, G_TILES, BLOCK_M,
+                           True, bar_ptr + bar + 2, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 3, last_bar, nprog)
+        # D: x2 = x1 + gate2 * (hidden @ Wd^T), into out (the next layer's input)
+        for item in range(pid, D_TILES * D_SPLIT, nprog):
+            et._gated_residual_tile(hid_ptr, wd_ptr + lw * WIDTH * MLP, sd_ptr + layer, x1_ptr, mods + 5 * WIDTH, out_ptr,
+                                    ws_ptr, cnt_ptr, M, WIDTH, MLP, F8_D, IEEE, False, BLOCK_M, D_BN, D_BK, True,
+                                    item // D_SPLIT, item % D_SPLIT, 0, D_TILES, BLOCK_M,
+                                    True, bar_ptr + bar + 3, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 4, last_bar, nprog)
+
+
+# ----- stacked weights and caches ---------------------------------------------------------------------
+
+def stacked_view(tensors) -> torch.Tensor | None:
+    """The (n, *shape) tensor whose [i] is tensors[i], if they are evenly spaced views of one storage with
+    one shape, dtype and contiguous layout; else None."""
+    first = tensors[0]
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not first.is_contiguous():
+        return None
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+           or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in tensors):
+        return None
+    offsets = [t.storage_offset() for t in tensors]
+    step = offsets[1] - offsets[0] if len(tensors) > 1 else first.numel()
+    if step < first.numel() or any(b - a != step for a, b in zip(offsets, offsets[1:])):
+        return None
+    return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), offsets[0])
+
+
+def stack_layers(layers: list[ExpertWeights]) -> list[ExpertWeights]:
+    """The same weights as views of one (depth, N, K) tensor per kind (and one (depth,) tensor of FP8 scales),
+    as the step kernel takes them; the per-layer tensors are not kept."""
+    out = {}
+    for name in ExpertWeights._fields:
+        mats = [getattr(lw, name) for lw in layers]
+        if isinstance(mats[0], tuple):  # Fp8Matrix: stack w8 and the scales
+            w8 = torch.stack([m.w8 for m in mats])
+            ws = torch.stack([m.w_scale.reshape(()) for m in mats])
+            out[name] = [m._replace(w8=w8[i], w_scale=ws[i]) for i, m in enumerate(mats)]
+        else:
+            stack = torch.stack(mats)
+            out[name] = list(stack.unbind(0))
+    return [ExpertWeights(**{k: out[k][i] for k in ExpertWeights._fields}) for i in range(len(layers))]
+
+
+def _kind(mats) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(depth, N, K) matrices and their (depth,) FP8 scales (None for bf16/fp32), if stacked."""
+    if isinstance(mats[0], tuple):
+        w, s = stacked_view([m[0] for m in mats]), stacked_view([m[1].reshape(()) for m in mats])
+        return None if w is None or s is None else (w, s)
+    w = stacked_view(mats)
+    return None if w is None else (w, None)
+
+
+class ExpertStep:
+    """Launcher of the step kernel for one sampler (its own workspace, counters and error flag)."""
+
+    def __init__(self, heads: int, eps: float):
+        self.heads, self.eps = heads, eps
+        self.scratch = et.Scratch()
+        self._flags: dict = {}
+
+    @staticmethod
+    def programs(device: torch.device) -> int:
+        if et.INTERPRET or device.type != "cuda":
+            return 1
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
+    def supports(self, x, ks, vs, weights) -> bool:
+        """One observation (at most MAX_ROWS rows) with stacked weights and caches."""
+        b, t, _ = x.shape
+        if b * t > MAX_ROWS or not x.is_contiguous():
+            return False
+        if stacked_view(ks) is None or stacked_view(vs) is None:
+            return False
+        hd = ks[0].shape[-1]
+        widest = WIDEST_N if not et.INTERPRET else min(et.INTERPRETER_BLOCKS["BLOCK_N"], hd // 2)
+        if hd & (hd - 1) or (hd // 2) % min(widest, hd // 2):
+            return False
+        return all(_kind([getattr(lw, name) for lw in weights]) is not None for name in ExpertWeights._fields)
+
+    def failed(self, device: torch.device) -> bool:
+        """Whether a barrier of any launch so far gave up (reads the flag: a device sync)."""
+        flag = self._flags.get(device)
+        return bool(flag is not None and int(flag.item()))
+
+    def __call__(self, x, mods, cos, sin, bias, ks, vs, weights, prefix_len: int) -> torch.Tensor:
+        """All expert layers of one step: x (B, T, width) -> (B, T, width); mods (depth, 6, width) fp32."""
+        b, t, width = x.shape
+        m, hd, heads, depth = b * t, ks[0].shape[-1], self.heads, len(weights)
+        k_all, v_all = stacked_view(ks), stacked_view(vs)
+        kinds = {name: _kind([getattr(lw, name) for lw in weights]) for name in ExpertWeights._fields}
+        mlp = kinds["down"][0].shape[2]
+        keys = k_all.shape[2]
+        if mods.shape != (depth, 6, width) or not mods.is_contiguous() or mods.dtype != torch.float32:
+            raise ValueError(f"the step kernel needs contiguous fp32 mods of shape {(depth, 6, width)}, got {tuple(mods.shape)}")
+        for buf in (cos, sin, bias):
+            if not buf.is_contiguous():
+                raise ValueError("the step kernel needs contiguous cos/sin and bias")
+        dev = x.device
+        nprog = self.programs(dev)
+        blocks = stage_blocks(width, mlp, heads, hd, NOMINAL_PROGRAMS if et.INTERPRET else nprog,
+                              et.INTERPRETER_BLOCKS["BLOCK_N"] if et.INTERPRET else WIDEST_N)
+        att_bq, att_bs = (et.INTERPRETER_BLOCKS["BLOCK_M"], 32) if et.INTERPRET else (et.ATTN_BLOCK_Q, et.ATTN_BLOCK_S)
+        nq, nsplit = triton.cdiv(t * heads, att_bq), triton.cdiv(keys, att_bs)
+        # workspace: the largest split-K partials of a stage, or the attention's per-split statistics
+        floats, tiles = nsplit * m * heads * (hd + 2), b * nq
+        for name, (n, k) in {"Q": ((heads + 2) * hd, width), "O": (width, heads * hd), "G": (2 * mlp, width),
+                             "D": (width, mlp)}.items():
+            split = triton.cdiv(k, blocks[f"{name}_BK"])
+            floats = max(floats, split * (BLOCK_M * n + BLOCK_M + n))
+            tiles = max(tiles, triton.cdiv(n, blocks[f"{name}_BN"]))
+        nbar = depth * STAGES
+        ws, cnt = self.scratch.get(dev, floats, tiles + nbar + 1)
+        counters, bars, err = cnt[:tiles], cnt[tiles:tiles + nbar], cnt[tiles + nbar:tiles + nbar + 1]
+        self._flags[dev] = err
+        x1, out = x.new_empty(m, width), x.new_empty(b, t, width)
+        q = x.new_empty(m, heads * hd)
+        attn, hidden = x.new_empty(m * heads, hd), x.new_empty(m, mlp)
+        mats = {name: kinds[name][0] for name in kinds}
+        scales = {name: kinds[name][1] if kinds[name][1] is not None else mods for name in kinds}  # unused if bf16
+        _step_kernel[(nprog,)](
+            x, out, x1, q, attn, hidden, mats["qkv"], mats["o"], mats["gate_up"], mats["down"],
+            scales["qkv"], scales["o"], scales["gate_up"], scales["down"], mods, cos, sin, k_all, v_all, bias,
+            ws, counters, bars, err, m, t, keys, prefix_len, self.eps, hd ** -0.5,
+            DEPTH=depth, WIDTH=width, MLP=mlp, NQ=heads, HD=hd,
+            F8_QKV=kinds["qkv"][1] is not None, F8_O=kinds["o"][1] is not None,
+            F8_GU=kinds["gate_up"][1] is not None, F8_D=kinds["down"][1] is not None,
+            IEEE=x.dtype == torch.float32 or et.INTERPRET, GELU_C=et.GELU_C, BLOCK_M=BLOCK_M, **blocks,
+            ATT_BQ=att_bq, ATT_BS=att_bs, num_warps=WARPS, num_stages=1)
+        return out
