@@ -49,6 +49,7 @@ from policy.backends import expert_triton as et
 from policy.backends.fused import ExpertWeights
 
 STAGES = 5  # Q, A, O, G, D: barrier counters per layer
+SCALE_STRIDE = 4  # floats between two layers' FP8 weight scales (16 bytes)
 WARPS = 8
 BLOCK_M = 16  # rows: one observation (10 action tokens) padded to the tensor-core tile
 MAX_ROWS = BLOCK_M
@@ -56,6 +57,7 @@ WIDEST_N = 32  # a product's tile width on a GPU (RoPE pairs need head_dim / 2 t
 # the longest K slice per stage that compiles without register spills at WARPS warps (ptxas 12.8, Triton
 # 3.6, sm_90: the adaRMS-folded, paired q|k|v and gate|up tiles need about twice the registers of a plain one)
 MAX_BK = {"Q": 256, "G": 256, "O": 1024, "D": 1024}
+PROGRAMS = None  # at most this many programs (None: one per SM)
 NOMINAL_PROGRAMS = 32  # the interpreter runs one program but sizes the split-K tiles as if for this many
 
 
@@ -88,11 +90,13 @@ def stage_blocks(width: int, mlp: int, heads: int, hd: int, programs: int, wides
 
 
 @triton.jit
-def _arrive(bar_ptr, idx, last_idx, nprog):
+def _arrive(bar_ptr, idx, last_idx, nprog, trace_ptr, TRACE: tl.constexpr):
     """This program's stores of a stage are done: release them on barrier counter idx. The last program to
     arrive resets counter idx - 1 (everyone has passed its wait: they all got here), and the last
-    barrier resets itself (nobody waits on it)."""
+    barrier resets itself (nobody waits on it). TRACE: record the time of arrival."""
     tl.debug_barrier()
+    if TRACE:
+        tl.store(trace_ptr + tl.program_id(0) * (last_idx + 1) + idx, et.now_ns())
     old = tl.atomic_add(bar_ptr + idx, 1, sem="release", scope="gpu")
     if old == nprog - 1:
         if idx > 0:
@@ -104,14 +108,14 @@ def _arrive(bar_ptr, idx, last_idx, nprog):
 @triton.jit
 def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
                  wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, sqkv_ptr, so_ptr, sgu_ptr, sd_ptr,
-                 mods_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, bias_ptr, ws_ptr, cnt_ptr, bar_ptr, err_ptr,
-                 M, T, KEYS, prefix_len, eps, sm_scale,
+                 mods_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, bias_ptr, ws_ptr, cnt_ptr, bar_ptr, err_ptr, trace_ptr,
+                 M, T, KEYS, prefix_len, eps, sm_scale, s_stride,
                  DEPTH: tl.constexpr, WIDTH: tl.constexpr, MLP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
                  F8_QKV: tl.constexpr, F8_O: tl.constexpr, F8_GU: tl.constexpr, F8_D: tl.constexpr,
                  IEEE: tl.constexpr, GELU_C: tl.constexpr, BLOCK_M: tl.constexpr,
                  Q_BN: tl.constexpr, Q_BK: tl.constexpr, O_BN: tl.constexpr, O_BK: tl.constexpr,
                  G_BN: tl.constexpr, G_BK: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr,
-                 ATT_BQ: tl.constexpr, ATT_BS: tl.constexpr):
+                 ATT_BQ: tl.constexpr, ATT_BS: tl.constexpr, BAR: tl.constexpr, TRACE: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NQKV: tl.constexpr = (NQ + 2) * HD
@@ -138,40 +142,40 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
         bar = layer * 5  # this layer's barriers: bar + 0 (Q done) .. bar + 4 (D done)
         # Q: waits for the previous layer's D (the first layer's input is ready at launch)
         for item in range(pid, Q_TILES * Q_SPLIT, nprog):
-            et._qkv_rope_tile(src, wqkv_ptr + lw * NQKV * WIDTH, sqkv_ptr + layer, mods, mods + WIDTH, cos_ptr, sin_ptr,
+            et._qkv_rope_tile(src, wqkv_ptr + lw * NQKV * WIDTH, sqkv_ptr + layer * s_stride, mods, mods + WIDTH, cos_ptr, sin_ptr,
                               q_ptr, k_l, v_l, ws_ptr, cnt_ptr, M, NQKV, WIDTH, T, KEYS, prefix_len, eps, NQ, HD, F8_QKV,
                               IEEE, False, BLOCK_M, Q_BN, Q_BK, True, item // Q_SPLIT, item % Q_SPLIT, 0, Q_TILES, BLOCK_M,
-                              True, bar_ptr + bar - 1, nprog, err_ptr, (item == pid) & (layer > 0), True)
-        _arrive(bar_ptr, bar, last_bar, nprog)
+                              BAR, bar_ptr + bar - 1, nprog, err_ptr, (item == pid) & (layer > 0), True)
+        _arrive(bar_ptr, bar, last_bar, nprog, trace_ptr, TRACE)
         # A: q and the own K/V from Q
         for item in range(pid, batch * nq * nsplit, nprog):
             b = item // (nq * nsplit)
             rest = item % (nq * nsplit)
             et._attention_tile(q_ptr, k_l, v_l, bias_ptr, attn_ptr, ws_ptr, cnt_ptr, rb, KEYS, M * NQ, prefix_len,
                                prefix_len + T, sm_scale, HD, IEEE, False, ATT_BQ, ATT_BS, rest // nsplit, rest % nsplit, b,
-                               nq, nsplit, True, bar_ptr + bar, nprog, err_ptr, item == pid, True)
-        _arrive(bar_ptr, bar + 1, last_bar, nprog)
+                               nq, nsplit, BAR, bar_ptr + bar, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 1, last_bar, nprog, trace_ptr, TRACE)
         # O: x1 = x + gate1 * (attn @ Wo^T)
         for item in range(pid, O_TILES * O_SPLIT, nprog):
-            et._gated_residual_tile(attn_ptr, wo_ptr + lw * WIDTH * ATT, so_ptr + layer, src, mods + 2 * WIDTH, x1_ptr,
+            et._gated_residual_tile(attn_ptr, wo_ptr + lw * WIDTH * ATT, so_ptr + layer * s_stride, src, mods + 2 * WIDTH, x1_ptr,
                                     ws_ptr, cnt_ptr, M, WIDTH, ATT, F8_O, IEEE, False, BLOCK_M, O_BN, O_BK, True,
                                     item // O_SPLIT, item % O_SPLIT, 0, O_TILES, BLOCK_M,
-                                    True, bar_ptr + bar + 1, nprog, err_ptr, item == pid, True)
-        _arrive(bar_ptr, bar + 2, last_bar, nprog)
+                                    BAR, bar_ptr + bar + 1, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 2, last_bar, nprog, trace_ptr, TRACE)
         # G: hidden = gelu(h Wg^T) * (h Wu^T), h = adaRMS(x1)
         for item in range(pid, G_TILES * G_SPLIT, nprog):
-            et._geglu_tile(x1_ptr, wgu_ptr + lw * 2 * MLP * WIDTH, sgu_ptr + layer, mods + 3 * WIDTH, mods + 4 * WIDTH,
+            et._geglu_tile(x1_ptr, wgu_ptr + lw * 2 * MLP * WIDTH, sgu_ptr + layer * s_stride, mods + 3 * WIDTH, mods + 4 * WIDTH,
                            hid_ptr, ws_ptr, cnt_ptr, M, 2 * MLP, WIDTH, eps, F8_GU, IEEE, False, GELU_C,
                            BLOCK_M, G_BN, G_BK, True, item // G_SPLIT, item % G_SPLIT, 0, G_TILES, BLOCK_M,
-                           True, bar_ptr + bar + 2, nprog, err_ptr, item == pid, True)
-        _arrive(bar_ptr, bar + 3, last_bar, nprog)
+                           BAR, bar_ptr + bar + 2, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 3, last_bar, nprog, trace_ptr, TRACE)
         # D: x2 = x1 + gate2 * (hidden @ Wd^T), into out (the next layer's input)
         for item in range(pid, D_TILES * D_SPLIT, nprog):
-            et._gated_residual_tile(hid_ptr, wd_ptr + lw * WIDTH * MLP, sd_ptr + layer, x1_ptr, mods + 5 * WIDTH, out_ptr,
+            et._gated_residual_tile(hid_ptr, wd_ptr + lw * WIDTH * MLP, sd_ptr + layer * s_stride, x1_ptr, mods + 5 * WIDTH, out_ptr,
                                     ws_ptr, cnt_ptr, M, WIDTH, MLP, F8_D, IEEE, False, BLOCK_M, D_BN, D_BK, True,
                                     item // D_SPLIT, item % D_SPLIT, 0, D_TILES, BLOCK_M,
-                                    True, bar_ptr + bar + 3, nprog, err_ptr, item == pid, True)
-        _arrive(bar_ptr, bar + 4, last_bar, nprog)
+                                    BAR, bar_ptr + bar + 3, nprog, err_ptr, item == pid, True)
+        _arrive(bar_ptr, bar + 4, last_bar, nprog, trace_ptr, TRACE)
 
 
 # ----- stacked weights and caches ---------------------------------------------------------------------
@@ -200,8 +204,11 @@ def stack_layers(layers: list[ExpertWeights]) -> list[ExpertWeights]:
         mats = [getattr(lw, name) for lw in layers]
         if isinstance(mats[0], tuple):  # Fp8Matrix: stack w8 and the scales
             w8 = torch.stack([m.w8 for m in mats])
-            ws = torch.stack([m.w_scale.reshape(()) for m in mats])
-            out[name] = [m._replace(w8=w8[i], w_scale=ws[i]) for i, m in enumerate(mats)]
+            # one scale per 16 bytes: cuBLASLt's FP8 products (torch._scaled_mm) reject a scale pointer that is
+            # not 16-byte aligned, and the layer views are what they get
+            ws = torch.zeros(len(mats), SCALE_STRIDE, dtype=torch.float32, device=w8.device)
+            ws[:, 0] = torch.stack([m.w_scale.reshape(()).float() for m in mats])
+            out[name] = [m._replace(w8=w8[i], w_scale=ws[i, 0]) for i, m in enumerate(mats)]
         else:
             stack = torch.stack(mats)
             out[name] = list(stack.unbind(0))
@@ -224,12 +231,16 @@ class ExpertStep:
         self.heads, self.eps = heads, eps
         self.scratch = et.Scratch()
         self._flags: dict = {}
+        self.sleep_between_polls = True  # False: spin (A/B in scripts/gpu/expert_step_bench.py)
+        self.trace: torch.Tensor | None = None  # (programs, depth * STAGES) int64: arrival times in ns, if given
 
     @staticmethod
     def programs(device: torch.device) -> int:
+        """One program per SM (at most PROGRAMS, when set); one in the interpreter."""
         if et.INTERPRET or device.type != "cuda":
             return 1
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(sms, PROGRAMS or sms)
 
     def supports(self, x, ks, vs, weights) -> bool:
         """One observation (at most MAX_ROWS rows) with stacked weights and caches."""
@@ -284,13 +295,21 @@ class ExpertStep:
         attn, hidden = x.new_empty(m * heads, hd), x.new_empty(m, mlp)
         mats = {name: kinds[name][0] for name in kinds}
         scales = {name: kinds[name][1] if kinds[name][1] is not None else mods for name in kinds}  # unused if bf16
+        strides = {kinds[name][1].stride(0) for name in kinds if kinds[name][1] is not None} or {0}
+        if len(strides) > 1:
+            raise ValueError(f"the FP8 scales of the expert's matrices are laid out differently: strides {strides}")
+        trace = self.trace if self.trace is not None and not et.INTERPRET else None
+        if trace is not None and (trace.shape != (nprog, nbar) or trace.dtype != torch.int64):
+            raise ValueError(f"the trace buffer must be ({nprog}, {nbar}) int64, got {tuple(trace.shape)} {trace.dtype}")
         _step_kernel[(nprog,)](
             x, out, x1, q, attn, hidden, mats["qkv"], mats["o"], mats["gate_up"], mats["down"],
             scales["qkv"], scales["o"], scales["gate_up"], scales["down"], mods, cos, sin, k_all, v_all, bias,
-            ws, counters, bars, err, m, t, keys, prefix_len, self.eps, hd ** -0.5,
+            ws, counters, bars, err, counters if trace is None else trace, m, t, keys, prefix_len, self.eps, hd ** -0.5,
+            strides.pop(),
             DEPTH=depth, WIDTH=width, MLP=mlp, NQ=heads, HD=hd,
             F8_QKV=kinds["qkv"][1] is not None, F8_O=kinds["o"][1] is not None,
             F8_GU=kinds["gate_up"][1] is not None, F8_D=kinds["down"][1] is not None,
             IEEE=x.dtype == torch.float32 or et.INTERPRET, GELU_C=et.GELU_C, BLOCK_M=BLOCK_M, **blocks,
-            ATT_BQ=att_bq, ATT_BS=att_bs, num_warps=WARPS, num_stages=1)
+            ATT_BQ=att_bq, ATT_BS=att_bs, BAR=2 if self.sleep_between_polls else 1, TRACE=trace is not None,
+            num_warps=WARPS, num_stages=1)
         return out

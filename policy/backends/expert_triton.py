@@ -124,7 +124,23 @@ def _wait_for_inputs(PDL: tl.constexpr):
 
 
 @triton.jit
-def _grid_wait(bar_ptr, nprog, err_ptr):
+def _pause():
+    """A short sleep between two polls of a barrier counter (fewer loads of one L2 line, which the weight
+    stream shares); nothing in the interpreter."""
+    if not _INTERPRETED:
+        tl.inline_asm_elementwise("nanosleep.u32 64;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def now_ns():
+    """The GPU's global timer in ns (comparable across SMs), for the step kernel's trace; 0 in the interpreter."""
+    if _INTERPRETED:
+        return tl.zeros((), dtype=tl.int64)
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_wait(bar_ptr, nprog, err_ptr, SLEEP: tl.constexpr):
     """Inside the persistent step kernel (policy/backends/expert_step.py): spin until all `nprog` programs
     have arrived at barrier counter `bar_ptr` (each after its stores), then acquire, so this program's
     later loads see what they released. Gives up after SPIN_LIMIT polls and raises the sticky error
@@ -132,6 +148,8 @@ def _grid_wait(bar_ptr, nprog, err_ptr):
     n = tl.load(bar_ptr, volatile=True)
     polls = 0
     while (n < nprog) & (polls < SPIN_LIMIT):
+        if SLEEP:
+            _pause()
         n = tl.load(bar_ptr, volatile=True)
         polls += 1
     if n < nprog:
@@ -143,11 +161,12 @@ def _grid_wait(bar_ptr, nprog, err_ptr):
 @triton.jit
 def _stage_wait(PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now):
     """Wait for the inputs the previous stage writes: the previous kernel (PDL), or the previous stage of
-    the persistent kernel (BAR: its barrier, if `wait_now`: a program's first item of a stage)."""
+    the persistent kernel (BAR: its barrier, if `wait_now`: a program's first item of a stage; BAR = 2
+    sleeps between polls, 1 spins)."""
     _wait_for_inputs(PDL)
     if BAR:
         if wait_now:
-            _grid_wait(bar_ptr, nprog, err_ptr)
+            _grid_wait(bar_ptr, nprog, err_ptr, BAR == 2)
 
 
 @triton.jit

@@ -32,10 +32,9 @@ from policy.backends.fused import ExpertWeights  # noqa: E402
 from policy.pi05.config import get_config  # noqa: E402
 from policy.pi05.gemma import rope_cos_sin  # noqa: E402
 
-STEP_CONFIGS = {  # alternatives to the step kernel's defaults (expert_step.WARPS / MAX_BK), timed in the same process
-    "4 warps": {"WARPS": 4},
-    "K slices 512/128": {"MAX_BK": {"Q": 128, "G": 128, "O": 512, "D": 512}},
-    "K slices 1024/512": {"MAX_BK": {"Q": 512, "G": 512, "O": 1024, "D": 1024}},
+STEP_CONFIGS = {  # alternatives to the step kernel's defaults (expert_step.WARPS / MAX_BK / PROGRAMS), same process
+    "66 programs": {"PROGRAMS": 66},
+    "K slices 128/512": {"MAX_BK": {"Q": 128, "G": 128, "O": 512, "D": 512}},
 }
 BANDWIDTH = 4.3e12  # bytes/s: a device-to-device copy on these H200s (KINDS.md)
 
@@ -83,9 +82,11 @@ def variants(p, old_path: str | None):
     out = {"inductor (compile backend)": lambda x: inductor(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"],
                                                           p["weights"])}
 
-    def kernels(module, attention, pdl=True, persistent=False, step_config=None):
+    def kernels(module, attention, pdl=True, persistent=False, step_config=None, sleep=True):
         extra = {"persistent": persistent} if module is et else {}
         fused = module.ExpertKernels(heads, eps, attention, **extra)
+        if persistent:
+            fused.step.sleep_between_polls = sleep
 
         def run(x):
             if hasattr(module, "use_pdl"):
@@ -102,6 +103,7 @@ def variants(p, old_path: str | None):
         return run
 
     out["persistent step kernel"] = kernels(et, None, persistent=True)
+    out["persistent step kernel, barrier spins without sleeping"] = kernels(et, None, persistent=True, sleep=False)
     for label, config in STEP_CONFIGS.items():
         out[f"persistent step kernel, {label}"] = kernels(et, None, persistent=True, step_config=config)
     out["triton, triton attention, PDL"] = kernels(et, None, True)
@@ -137,6 +139,37 @@ def time_graph(fn, x, iters: int = 200):
         torch.cuda.synchronize()
         rounds.append(start.elapsed_time(end) * 1000 / iters)
     return statistics.median(rounds), g, y
+
+
+def trace_step(p, reps: int = 20) -> dict:
+    """The step kernel's own timeline: every program's arrival time (%globaltimer) at every barrier, over
+    `reps` launches. Per stage kind: the critical path (release to release), and when the first, the
+    median and the last program finished after the previous release (us, mean over layers and launches)."""
+    cfg = p["cfg"]
+    fused = et.ExpertKernels(cfg.num_heads, cfg.norm_eps, None, persistent=True)
+    args = (p["x"], p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
+    fused.stack(*args)
+    step = fused.step
+    nprog, nbar = step.programs(p["x"].device), cfg.depth * es.STAGES
+    step.trace = torch.zeros(nprog, nbar, dtype=torch.int64, device=p["x"].device)
+    runs = []
+    for _ in range(reps):
+        fused.stack(*args)
+        torch.cuda.synchronize()
+        runs.append(step.trace.clone())
+    t = torch.stack(runs).double() / 1000  # (reps, programs, barriers) us
+    release = t.max(1).values  # (reps, barriers)
+    prev = torch.cat([release[:, :1] * 0 + float("nan"), release[:, :-1]], dim=1)
+    out = {"programs": nprog, "us_first_to_last_release": float((release[:, -1] - release[:, 0]).mean())}
+    for i, kind in enumerate("QAOGD"):
+        cols = list(range(i, nbar, es.STAGES))
+        if i == 0:
+            cols = cols[1:]  # the first layer's Q has no previous release in the kernel
+        d = t[:, :, cols] - prev[:, None, cols]
+        out[kind] = {"critical_us": float((release[:, cols] - prev[:, cols]).mean()),
+                     "first_us": float(d.min(1).values.mean()), "median_us": float(d.median(1).values.mean()),
+                     "last_us": float(d.max(1).values.mean())}
+    return out
 
 
 def profile_graph(g, top: int = 12):
@@ -183,6 +216,15 @@ def main(argv=None) -> int:
     summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": args.rows,
                "weight_mb_per_step": p["weight_bytes"] / 1e6, "floor_us_per_step": floor_us, "pdl": et.pdl_supported(torch.device("cuda")),
                "pdl_error": et._PDL_BROKEN[:1], "results": results}
+    try:
+        summary["step_trace"] = trace = trace_step(p)
+        print(f"\nstep kernel timeline ({trace['programs']} programs): first to last release {trace['us_first_to_last_release']:.1f} us")
+        for kind in "QAOGD":
+            r = trace[kind]
+            print(f"  {kind}: critical {r['critical_us']:6.2f} us; programs done after the release: first {r['first_us']:6.2f}, "
+                  f"median {r['median_us']:6.2f}, last {r['last_us']:6.2f} us")
+    except Exception as exc:
+        print(f"step trace FAILED {type(exc).__name__}: {str(exc)[:300]}")
     if profiled:
         print("\nkernels of the first triton variant (device us per step):")
         for r in profiled:
