@@ -7,8 +7,9 @@
 
 Real-size `pi05_libero` with random weights (speed does not depend on the values), 2 cameras (the
 third slot masked, as LIBERO), a LIBERO-length prompt. For each backend, batch size and step count:
-p50/p95 of a full sample (inputs already on the GPU; the policy's host-side preprocessing is not
-included) and of its parts (vision, prefix, denoise loop), timed with CUDA events after warm-up;
+p50/p95 of a full sample (images, tokens and noise already on the GPU, the masks on the host, as the
+policy passes them: the samplers read shapes from host masks without a device sync; the policy's
+host-side preprocessing is not included) and of its parts (vision, prefix, denoise loop), timed with CUDA events after warm-up;
 warm-up time (compilation and graph capture); peak GPU memory; speed-up over `eager` from the same
 run; and the max / mean absolute difference of the actions from `eager` on the same inputs and noise.
 A backend spec takes options after a colon, separated by "/": `compile:expert_kernels=triton/attention=sdpa`.
@@ -173,7 +174,8 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
     cfg = model.config
     rows = []
     for batch in batches:
-        inputs = example_inputs(cfg, batch, prompt_tokens, device)
+        images, image_masks, tokens, token_masks, noise = example_inputs(cfg, batch, prompt_tokens, device)
+        inputs = [images, [m.cpu() for m in image_masks], tokens, token_masks.cpu(), noise]  # masks as the policy has them
         reference = {}
         for steps in steps_list:
             for spec in backends:

@@ -73,6 +73,30 @@ out["attention"] = build(et._attention_kernel, dict(HD=256, IEEE=False, PDL=True
 out["attention"]["kv_v4"] = 2 * et.ATTN_BLOCK_S * 256 * 2 // (16 * out["attention"]["threads"])
 out["gated_residual/no-pdl"] = build(et._gated_residual_kernel, dict(K=4096, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=True,
                                                                      W_FP8=False, IEEE=False, PDL=False), 4, 1)
+from policy.backends import expert_step as es
+STEP_PTRS = {"sqkv_ptr": F, "so_ptr": F, "sgu_ptr": F, "sd_ptr": F, "mods_ptr": F, "bias_ptr": F, "ws_ptr": F,
+             "cnt_ptr": I, "bar_ptr": I, "err_ptr": I, "trace_ptr": "*i64"}
+STEP_INTS = {"M": "i32", "T": "i32", "KEYS": "i32", "prefix_len": "i32", "eps": "fp32", "sm_scale": "fp32", "s_stride": "i32"}
+for fp8 in (False, True):
+    fn, sig, attrs = es._step_kernel, {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n.endswith("_ptr"):
+            sig[n] = "*fp8e4nv" if fp8 and n in ("wgu_ptr", "wd_ptr") else STEP_PTRS.get(n, P)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in STEP_INTS:
+            sig[n] = STEP_INTS[n]
+        else:
+            sig[n] = "constexpr"
+    consts = dict(DEPTH=18, WIDTH=1024, MLP=4096, NQ=8, HD=256, F8_QKV=False, F8_O=False, F8_GU=fp8, F8_D=fp8, IEEE=False,
+                  GELU_C=et.GELU_C, BLOCK_M=es.BLOCK_M, ATT_BQ=et.ATTN_BLOCK_Q, ATT_BS=et.ATTN_BLOCK_S, BAR=2, TRACE=True,
+                  **es.stage_blocks(1024, 4096, 8, 256, 132))
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": es.WARPS, "num_stages": 1})
+    ptx = k.asm["ptx"]
+    out[f"step{'-fp8' if fp8 else ''}"] = {"release": len(re.findall(r"atom[.a-z]*\.release", ptx)),
+                                           "acquire": len(re.findall(r"atom[.a-z]*\.acq", ptx)),
+                                           "volatile_polls": len(re.findall(r"ld\.volatile", ptx)),
+                                           "sleeps": ptx.count("nanosleep"), "timer": ptx.count("%globaltimer")}
 print(json.dumps(out))
 """
 
@@ -88,8 +112,10 @@ def ptx():
 
 def test_every_kernel_compiles_for_hopper_with_programmatic_dependent_launch(ptx):
     """Every configuration autotuning may pick, bf16 and FP8 weights."""
-    assert len(ptx) == 3 * (len(et.CONFIGS) + 2) + 2
+    assert len([k for k in ptx if not k.startswith("step")]) == 3 * (len(et.CONFIGS) + 2) + 2
     for name, info in ptx.items():
+        if name.startswith("step"):
+            continue
         if name.endswith("no-pdl"):
             assert info["waits"] == 0 and not info["launch_dependents"], name
         else:
@@ -101,6 +127,8 @@ def test_split_k_kernels_prefetch_their_weight_tiles_before_the_wait(ptx):
     in the block that ends with the wait, and loads the activations after it; a K-loop program (more
     rows) loads nothing before the wait, not even an asynchronous copy."""
     for name, info in ptx.items():
+        if name.startswith("step"):
+            continue
         if info.get("split"):
             assert info["v4_in_block_before_wait"] >= info["weight_v4"] > 0, (name, info)
             assert info["loads_after_last_wait"] > 0, (name, info)
@@ -114,3 +142,12 @@ def test_attention_prefetches_the_cached_prefix_keys_and_values_before_the_wait(
     info = ptx["attention"]
     assert info["waits"] == 2 and info["v4_in_block_before_wait"] >= info["kv_v4"] > 0, info
     assert info["loads_after_last_wait"] > 0
+
+
+def test_the_persistent_step_kernel_compiles_for_hopper_with_its_grid_barriers(ptx):
+    """Real size, bf16 and FP8 MLP: the arrivals release, the waits acquire after polling with volatile loads
+    and a sleep, and the trace reads the global timer (the interpreter cannot check any of that)."""
+    for name in ("step", "step-fp8"):
+        info = ptx[name]
+        assert info["release"] >= 5 and info["acquire"] >= 5 and info["volatile_polls"] >= 5, (name, info)
+        assert info["sleeps"] >= 5 and info["timer"] >= 5, (name, info)

@@ -107,6 +107,17 @@ def test_cuda_graph_call_is_stable_and_never_syncs(big, cuda):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(first, again) and counters["stats"]["unique_graphs"] == graphs
+    # a call is ONE graph replay (the whole sample), and it gives what the three stage graphs give in turn
+    replays = []
+    for g in sampler._states.values():
+        for name, graph in g.graphs.items():
+            graph.replay = (lambda orig, name: lambda: (replays.append(name), orig())[1])(graph.replay, name)
+    third = sampler(*inputs)
+    assert replays == ["call"] and torch.equal(third, first)
+    for stage in sampler.stages(*inputs).values():
+        stage()
+    st = next(iter(sampler._states.values()))
+    assert torch.equal(st.actions, first)
 
 
 # ----- fused Triton expert kernels (policy/backends/expert_triton.py) -------------------------------------

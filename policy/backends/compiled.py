@@ -224,7 +224,7 @@ class CompiledSampler:
     def __init__(self, model: Pi05Model, num_steps: int = 10, torch_compile: bool = True, cuda_graphs: bool | None = None,
                  compile_mode: str | None = None, expert_compile_mode: str | None = None, attention: str = "matmul",
                  whole_step: bool = True, expert_kernels: str = "inductor", expert_attention: str = "compiled",
-                 expert_kernel_rows: int | None = None, expert_persistent: bool = True, linear=None):
+                 expert_kernel_rows: int | None = None, expert_persistent: bool = False, linear=None):
         """torch_compile: compile the layer functions with inductor (False: run them eagerly, e.g. to check
         the fused structure); cuda_graphs: capture each stage (default: on CUDA); compile_mode /
         expert_compile_mode: torch.compile modes; attention: "matmul" or "sdpa"; whole_step: compile a
@@ -425,6 +425,12 @@ class CompiledSampler:
             x = x + self.dt * v
         st.actions.copy_(x)
 
+    def _call(self, shape: _Shape, st: _State) -> None:
+        """A whole sample: the three stages back to back (on CUDA captured as ONE graph, so a call is the copy
+        of its inputs and one replay: no host work between the stages)."""
+        for name in STAGES:
+            getattr(self, "_" + name)(shape, st)
+
     def _guided_denoise(self, st: _State, guide: Guide) -> torch.Tensor:
         """Real-time chunking: the Euler loop with each velocity corrected by a vector-Jacobian product
         through the (compiled, differentiable) expert step; not graph-captured (autograd runs)."""
@@ -445,7 +451,10 @@ class CompiledSampler:
 
     @_on_device
     def _capture(self, shape: _Shape, st: _State) -> None:
-        """Compile and warm up on a side stream, then capture each stage as a CUDA graph."""
+        """Compile and warm up on a side stream, then capture each stage as a CUDA graph (for `encode`,
+        `denoise` and the benchmark's stage times), and the whole sample as one more (for a call). The
+        graphs share one memory pool: none reads what another allocated (inputs and results live in the
+        state's static buffers), and they never run at once."""
         stages = [(name, getattr(self, "_" + name)) for name in STAGES]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -455,7 +464,7 @@ class CompiledSampler:
                     fn(shape, st)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        for name, fn in stages:
+        for name, fn in stages + [("call", self._call)]:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self._pool):
                 fn(shape, st)
@@ -539,6 +548,5 @@ class CompiledSampler:
             self._run("vision", shape, st)
             self._run("prefix", shape, st)
             return self._guided_denoise(st, guide)
-        for name in STAGES:
-            self._run(name, shape, st)
+        self._run("call", shape, st)
         return st.actions.clone()

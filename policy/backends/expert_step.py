@@ -53,7 +53,7 @@ SCALE_STRIDE = 4  # floats between two layers' FP8 weight scales (16 bytes)
 WARPS = 8
 BLOCK_M = 16  # rows: one observation (10 action tokens) padded to the tensor-core tile
 MAX_ROWS = BLOCK_M
-WIDTHS = {"Q": 64, "O": 32, "G": 32, "D": 32}  # output columns of a tile per stage on a GPU (G: gate and up each)
+WIDTHS = {"Q": 64, "O": 32, "G": 64, "D": 32}  # output columns of a tile per stage on a GPU (G: gate and up each)
 # the longest K slice per stage that compiles without register spills at WARPS warps (ptxas 12.8, Triton
 # 3.6, sm_90: the adaRMS-folded, paired q|k|v and gate|up tiles need about twice the registers of a plain one)
 MAX_BK = {"Q": 256, "G": 256, "O": 1024, "D": 1024}
@@ -122,7 +122,7 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
                  Q_BN: tl.constexpr, Q_BK: tl.constexpr, O_BN: tl.constexpr, O_BK: tl.constexpr,
                  G_BN: tl.constexpr, G_BK: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr,
                  Q_PIPE: tl.constexpr, O_PIPE: tl.constexpr, G_PIPE: tl.constexpr, D_PIPE: tl.constexpr,
-                 ATT_BQ: tl.constexpr, ATT_BS: tl.constexpr, ATT_SPLITS_P2: tl.constexpr, BAR: tl.constexpr,
+                 ATT_BQ: tl.constexpr, ATT_BS: tl.constexpr, BAR: tl.constexpr,
                  TRACE: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -177,7 +177,7 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
             b = item // (nq * nsplit)
             rest = item % (nq * nsplit)
             et._attention_tile(q_ptr, k_l, v_l, bias_ptr, attn_ptr, ws_ptr, cnt_ptr, rb, KEYS, M * NQ, prefix_len,
-                               prefix_len + T, sm_scale, HD, IEEE, False, ATT_BQ, ATT_BS, ATT_SPLITS_P2, rest // nsplit,
+                               prefix_len + T, sm_scale, HD, IEEE, False, ATT_BQ, ATT_BS, rest // nsplit,
                                rest % nsplit, b, nq, nsplit, BAR, bar_ptr + bar, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 1, last_bar, nprog, trace_ptr, TRACE)
         # O: x1 = x + gate1 * (attn @ Wo^T)
@@ -374,6 +374,6 @@ class ExpertStep:
             F8_QKV=kinds["qkv"][1] is not None, F8_O=kinds["o"][1] is not None,
             F8_GU=kinds["gate_up"][1] is not None, F8_D=kinds["down"][1] is not None,
             IEEE=x.dtype == torch.float32 or et.INTERPRET, GELU_C=et.GELU_C, BLOCK_M=BLOCK_M, **blocks,
-            ATT_BQ=att_bq, ATT_BS=att_bs, ATT_SPLITS_P2=triton.next_power_of_2(nsplit), BAR=2 if self.sleep_between_polls else 1, TRACE=trace is not None,
+            ATT_BQ=att_bq, ATT_BS=att_bs, BAR=2 if self.sleep_between_polls else 1, TRACE=trace is not None,
             num_warps=WARPS, num_stages=1)
         return out

@@ -507,7 +507,7 @@ ATTN_BLOCK_Q, ATTN_BLOCK_S, ATTN_WARPS = 16, 64, 8  # 16 query rows x 64 keys pe
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, RB, S, R, own_start, own_end,
                       sm_scale, HD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                      BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr):
+                      BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (pid_q, split, b): BLOCK_Q query rows of batch row b (RB = T * H rows each, all heads sharing
     the one K/V head) against the BLOCK_S keys of one split (flash-decoding). Each split leaves its row
     max, row sum of exp and unnormalized exp-weighted values in the workspace; the program that
@@ -515,15 +515,14 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, R
     [own_start, own_end) (the cached prefix and the padding) do not depend on the previous kernel: a
     split that holds none of the action tokens' own keys loads its K/V before the wait."""
     _attention_tile(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, RB, S, R, own_start, own_end, sm_scale, HD, IEEE,
-                    PDL, BLOCK_Q, BLOCK_S, SPLITS_P2, tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
+                    PDL, BLOCK_Q, BLOCK_S, tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
                     tl.num_programs(1), False, cnt_ptr, 1, cnt_ptr, False, False)
 
 
 @triton.jit
 def _attention_tile(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, RB, S, R, own_start, own_end,
                     sm_scale, HD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr, pid_q, split, b, nq, nsplit,
-                    BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr):
+                    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, pid_q, split, b, nq, nsplit, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr):
     d = tl.arange(0, HD)
     ks = split * BLOCK_S + tl.arange(0, BLOCK_S)
     k_ok = ks < S
@@ -568,20 +567,15 @@ def _attention_tile(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, RB,
     if done == nsplit - 1:
         # out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (M = max_s m_s); a split whose keys are all
         # masked has m_s ~ -2.4e38 and weighs exactly 0
-        # every split's statistics in one load (SPLITS_P2 >= nsplit rows), and the value loads unrolled: one
-        # round trip for all splits, not one per split (a serial chain of 9 cost ~9 us at 576 keys)
-        sp = tl.arange(0, SPLITS_P2)
-        ok2 = (sp[:, None] < nsplit) & q_ok[None, :]
-        at = sp[:, None] * R + rows[None, :]
-        ms = tl.load(ws_ptr + at, mask=ok2, other=-3.0e38, cache_modifier=".cg")  # absent splits weigh exp(-huge) = 0
-        top = tl.max(ms, axis=0)
-        wts = tl.exp(ms - top[None, :])
-        total = tl.sum(wts * tl.load(l_ptr + at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
+        top = tl.load(ws_ptr + rows, mask=q_ok, other=0.0, cache_modifier=".cg")
+        for sp in range(1, nsplit):
+            top = tl.maximum(top, tl.load(ws_ptr + sp * R + rows, mask=q_ok, other=0.0, cache_modifier=".cg"))
+        total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
         out = tl.zeros((BLOCK_Q, HD), dtype=tl.float32)
-        for i in tl.static_range(SPLITS_P2):
-            w = tl.sum(tl.where(sp[:, None] == i, wts, 0.0), axis=0)
-            here = q_ok & (tl.full((BLOCK_Q,), i, tl.int32) < nsplit)
-            part = tl.load(acc_ptr + (i * R + rows)[:, None] * HD + d[None, :], mask=here[:, None], other=0.0,
+        for sp in range(0, nsplit):
+            w = tl.exp(tl.load(ws_ptr + sp * R + rows, mask=q_ok, other=0.0, cache_modifier=".cg") - top)
+            total += w * tl.load(l_ptr + sp * R + rows, mask=q_ok, other=1.0, cache_modifier=".cg")
+            part = tl.load(acc_ptr + (sp * R + rows)[:, None] * HD + d[None, :], mask=q_ok[:, None], other=0.0,
                            cache_modifier=".cg")
             out += w[:, None] * part
         tl.store(out_ptr + rows[:, None] * HD + d[None, :], _rnd(out / total[:, None], out_ptr.dtype.element_ty),
@@ -755,8 +749,7 @@ def attention(q, k_cache, v_cache, bias, out, own: tuple[int, int] | None = None
     ieee = q.dtype == torch.float32 or INTERPRET
     _with_pdl(q.device, lambda pdl: _attention_kernel[(qblocks, nsplit, b)](
         q, k_cache, v_cache, bias, out, ws, cnt, rb, s, r, own_start, own_end, hd ** -0.5,
-        HD=hd, IEEE=ieee, PDL=pdl, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, SPLITS_P2=triton.next_power_of_2(nsplit),
-        num_warps=ATTN_WARPS,
+        HD=hd, IEEE=ieee, PDL=pdl, BLOCK_Q=ATTN_BLOCK_Q, BLOCK_S=ATTN_BLOCK_S, num_warps=ATTN_WARPS,
         **({"launch_pdl": True} if pdl else {})))
 
 
@@ -826,7 +819,7 @@ class ExpertKernels:
 
     `status` maps "product@M" (qkv_rope, attention, o_residual, geglu, down_residual) to "ok: ..." or "fallback: ..." once each kernel has run at M rows."""
 
-    def __init__(self, heads: int, eps: float, attention, check_tol: float = 3e-2, persistent: bool = True):
+    def __init__(self, heads: int, eps: float, attention, check_tol: float = 3e-2, persistent: bool = False):
         self.heads, self.eps, self.attention = heads, eps, attention
         self.check_tol = check_tol
         self.status: dict[str, str] = {}

@@ -74,7 +74,7 @@ def load_module(path: str, name: str):
     return mod
 
 
-def variants(p, old_path: str | None):
+def variants(p, old_path: str | None, step_configs: bool = False):
     cfg = p["cfg"]
     heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     compiled_attn = torch.compile(functools.partial(attention_fn, heads=heads, impl="matmul"), fullgraph=True, dynamic=False)
@@ -105,7 +105,7 @@ def variants(p, old_path: str | None):
 
     out["persistent step kernel"] = kernels(et, None, persistent=True)
     out["persistent step kernel, barrier spins without sleeping"] = kernels(et, None, persistent=True, sleep=False)
-    for label, config in STEP_CONFIGS.items():
+    for label, config in (STEP_CONFIGS if step_configs else {}).items():
         out[f"persistent step kernel, {label}"] = kernels(et, None, persistent=True, step_config=config)
     out["triton, triton attention, PDL"] = kernels(et, None, True)
     out["triton, triton attention, no PDL"] = kernels(et, None, False)
@@ -192,11 +192,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=10, help="action tokens x batch (10: one observation)")
     ap.add_argument("--old", help="an older expert_triton.py to time in the same process")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--step-configs", action="store_true", help="also time the step kernel's STEP_CONFIGS alternatives")
     args = ap.parse_args(argv)
     p = make_problem(args.rows)
     floor_us = p["weight_bytes"] / BANDWIDTH * 1e6
     results, ref, profiled = [], None, None
-    for name, fn in variants(p, args.old).items():
+    for name, fn in variants(p, args.old, args.step_configs).items():
         try:
             us, g, y = time_graph(fn, p["x"])
         except Exception as exc:  # one broken variant must not lose the others' numbers

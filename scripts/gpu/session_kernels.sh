@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 E2E_CHECK=0 source scripts/gpu/setup_device.sh
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 stages=${STAGES:-step tests bench}
-backends=${BACKENDS:-eager,compile,compile:expert_kernels=triton/expert_attention=triton,fp8,fp8:expert_kernels=triton/expert_attention=triton}
+backends=${BACKENDS:-eager,compile,compile:expert_kernels=triton,fp8,fp8:expert_kernels=triton}
 log() { echo "[session $(date +%T)] $*"; }
 {
 log "commit $(cat .COMMIT 2>/dev/null)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -25,7 +25,7 @@ if [[ " $stages " == *" step160 "* ]]; then
 fi
 if [[ " $stages " == *" tests "* ]]; then
   log "GPU tests of the fused kernels"
-  timeout 300 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py -k "triton or persistent" > "$out/gpu_tests.log" 2>&1
+  timeout 300 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py -k "triton or persistent or graph_call" > "$out/gpu_tests.log" 2>&1
   log "rc=$? $(tail -1 "$out/gpu_tests.log")"; grep -E "^\[|triton|persistent" "$out/gpu_tests.log" | grep -E " us|vs eager" | head -30
 fi
 if [[ " $stages " == *" bench "* ]]; then
