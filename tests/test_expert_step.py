@@ -80,9 +80,10 @@ def test_prefetching_the_next_items_operands_changes_no_bit(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_stage_blocks_keep_one_item_a_program_within_the_register_budget():
+def test_stage_blocks_keep_one_item_a_program_within_the_register_budget(monkeypatch):
     """Real size on 132 SMs: K slices no longer than MAX_BK, and at most one item a program unless MAX_BK
-    forces more (then PIPE is set)."""
+    forces more (then PIPE is set, when PIPELINE allows it)."""
+    monkeypatch.setattr(es, "PIPELINE", True)
     blocks = es.stage_blocks(1024, 4096, 8, 256, 132)
     items = {"Q": 10 * (128 // blocks["Q_BN"]) * (1024 // blocks["Q_BK"]), "O": 1024 // blocks["O_BN"] * (2048 // blocks["O_BK"]),
              "G": 4096 // blocks["G_BN"] * (1024 // blocks["G_BK"]), "D": 1024 // blocks["D_BN"] * (4096 // blocks["D_BK"])}

@@ -58,7 +58,7 @@ WIDTHS = {"Q": 64, "O": 32, "G": 64, "D": 32}  # output columns of a tile per st
 # 3.6, sm_90: the adaRMS-folded, paired q|k|v and gate|up tiles need about twice the registers of a plain one)
 MAX_BK = {"Q": 256, "G": 256, "O": 1024, "D": 1024}
 PROGRAMS = None  # at most this many programs (None: one per SM)
-PIPELINE = True  # issue an item's weight loads before the previous item is computed (stages with > 1 item a program)
+PIPELINE = False  # True: issue an item's weight loads before the previous item is computed (slower as measured: more spills)
 NOMINAL_PROGRAMS = 32  # the interpreter runs one program but sizes the split-K tiles as if for this many
 
 
