@@ -147,7 +147,7 @@ def test_sampler_runs_one_observation_through_the_step_kernel_when_asked(tiny, g
 
 def test_a_step_kernel_that_disagrees_is_replaced_by_the_layer_kernels(monkeypatch):
     p = _problem(torch.float32)
-    fused = et.ExpertKernels(p["heads"], EPS, None, persistent=True)
+    fused = es.StepKernels(p["heads"], EPS, None)
     monkeypatch.setattr(et, "reference_stack", lambda *a, **k: torch.full_like(p["x"], 100.0))
     out = fused.stack(*_args(p))
     assert fused.status["step@10"].startswith("fallback: mismatch")

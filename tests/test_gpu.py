@@ -253,7 +253,7 @@ def test_persistent_step_kernel_matches_the_layer_references_at_real_size(big, c
     d = (out.float() - ref.float()).abs()
     scale = float(ref.float().abs().max())
     t_step = _time_us(lambda: step(*args))
-    layers_only = et.ExpertKernels(heads, cfg.norm_eps, None, persistent=False)
+    layers_only = et.ExpertKernels(heads, cfg.norm_eps, None)
     t_layers = _time_us(lambda: layers_only.stack(*args))
     print(f"\n[{torch.cuda.get_device_name(0)}] persistent step mlp_fp8 {mlp_fp8}: {t_step:.1f} us a step "
           f"(per-layer kernels {t_layers:.1f} us); max |d| {float(d.max()):.2e} (|ref| max {scale:.2e}), mean {float(d.mean()):.2e}")

@@ -303,7 +303,8 @@ class CompiledSampler:
                              f"got head_dim {hd}")
         if persistent:  # the step kernel takes each kind's matrices as one (depth, N, K) tensor
             self.weights["expert"] = expert_step.stack_layers(self.weights["expert"])
-        return expert_triton.ExpertKernels(self.cfg.num_heads, self.cfg.norm_eps, attention, persistent=persistent)
+            return expert_step.StepKernels(self.cfg.num_heads, self.cfg.norm_eps, attention)
+        return expert_triton.ExpertKernels(self.cfg.num_heads, self.cfg.norm_eps, attention)
 
     @property
     def kernel_status(self) -> dict[str, str]:

@@ -41,12 +41,16 @@ Look Ma, No Bubbles! (2025)" for why one persistent kernel per forward pass beat
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from policy.backends import expert_triton as et
 from policy.backends.fused import ExpertWeights
+
+log = logging.getLogger(__name__)
 
 STAGES = 5  # Q, A, O, G, D: barrier counters per layer
 SCALE_STRIDE = 4  # floats between two layers' FP8 weight scales (16 bytes)
@@ -377,3 +381,44 @@ class ExpertStep:
             ATT_BQ=att_bq, ATT_BS=att_bs, BAR=2 if self.sleep_between_polls else 1, TRACE=trace is not None,
             num_warps=WARPS, num_stages=1)
         return out
+
+
+class StepKernels(et.ExpertKernels):
+    """The fused expert kernels with one observation's step as the persistent step kernel: a call of at most
+    MAX_ROWS rows with stacked weights and caches runs `ExpertStep`, checked on its first call at a shape
+    against the chained torch references (`status["step@M"]`); anything else, or a step kernel that failed
+    its check, runs the per-layer kernels."""
+
+    def __init__(self, heads: int, eps: float, attention, check_tol: float = 3e-2):
+        super().__init__(heads, eps, attention, check_tol)
+        self.step = ExpertStep(heads, eps)
+
+    def stack(self, x, mods, cos, sin, bias, ks, vs, weights, prefix_len: int):
+        args = (x, mods, cos, sin, bias, ks, vs, weights, prefix_len)
+        if self.step.supports(x, ks, vs, weights):
+            key = f"step@{x.shape[0] * x.shape[1]}"
+            if key not in self.status:
+                self._check_step(key, args)
+            if self.status[key].startswith("ok"):
+                return self.step(*args)
+        return super().stack(*args)
+
+    def _check_step(self, key: str, args) -> None:
+        x = args[0]
+        try:
+            got = self.step(*args).clone()
+            failed = self.step.failed(x.device)
+        except Exception as exc:  # a kernel that does not build here must not sink the sampler
+            self.status[key] = f"fallback: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("the persistent step kernel failed (%s); using the per-layer kernels", self.status[key])
+            return
+        if failed:
+            self.status[key] = "fallback: a grid barrier gave up (programs not co-resident)"
+            log.warning("the persistent step kernel %s", self.status[key])
+            return
+        ok, note = self._agrees(got, et.reference_stack(*args, heads=self.heads, eps=self.eps))
+        self.status[key] = f"ok: {note}" if ok else f"fallback: mismatch, {note}"
+        if ok:
+            self.step(*args)  # leave the kernel's own K/V in the caches
+        else:
+            log.warning("the persistent step kernel disagrees with torch (%s); using the per-layer kernels", note)

@@ -819,16 +819,11 @@ class ExpertKernels:
 
     `status` maps "product@M" (qkv_rope, attention, o_residual, geglu, down_residual) to "ok: ..." or "fallback: ..." once each kernel has run at M rows."""
 
-    def __init__(self, heads: int, eps: float, attention, check_tol: float = 3e-2, persistent: bool = False):
+    def __init__(self, heads: int, eps: float, attention, check_tol: float = 3e-2):
         self.heads, self.eps, self.attention = heads, eps, attention
         self.check_tol = check_tol
         self.status: dict[str, str] = {}
         self.scratch = Scratch()
-        self.step = None
-        if persistent:
-            from policy.backends.expert_step import ExpertStep  # the persistent kernel builds on this module
-
-            self.step = ExpertStep(heads, eps)
 
     def _agrees(self, got, want) -> tuple[bool, str]:
         err = float((got.float() - want.float()).abs().max())
@@ -888,40 +883,10 @@ class ExpertKernels:
         return x2.view(b, t, width)
 
     def stack(self, x, mods, cos, sin, bias, ks, vs, weights, prefix_len: int):
-        """Every expert layer of one step; mods (depth, 6, width). One observation with stacked weights and
-        caches runs the persistent step kernel (policy/backends/expert_step.py), anything else (or a step
-        kernel that fails its first check) the per-layer kernels."""
-        args = (x, mods, cos, sin, bias, ks, vs, weights, prefix_len)
-        if self.step is not None and self.step.supports(x, ks, vs, weights):
-            key = f"step@{x.shape[0] * x.shape[1]}"
-            if key not in self.status:
-                self._check_step(key, args)
-            if self.status[key].startswith("ok"):
-                return self.step(*args)
+        """Every expert layer of one step; mods (depth, 6, width)."""
         for i, w in enumerate(weights):
             x = self.layer(x, mods[i], cos, sin, bias, ks[i], vs[i], w, prefix_len)
         return x
-
-    def _check_step(self, key: str, args) -> None:
-        """The step kernel's first call at a shape, against the chained torch references of every layer."""
-        x = args[0]
-        try:
-            got = self.step(*args).clone()
-            failed = self.step.failed(x.device)
-        except Exception as exc:  # a kernel that does not build here must not sink the sampler
-            self.status[key] = f"fallback: {type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("the persistent step kernel failed (%s); using the per-layer kernels", self.status[key])
-            return
-        if failed:
-            self.status[key] = "fallback: a grid barrier gave up (programs not co-resident)"
-            log.warning("the persistent step kernel %s", self.status[key])
-            return
-        ok, note = self._agrees(got, reference_stack(*args, heads=self.heads, eps=self.eps))
-        self.status[key] = f"ok: {note}" if ok else f"fallback: mismatch, {note}"
-        if ok:
-            self.step(*args)  # leave the kernel's own K/V in the caches
-        else:
-            log.warning("the persistent step kernel disagrees with torch (%s); using the per-layer kernels", note)
 
 
 def reference_stack(x, mods, cos, sin, bias, ks, vs, weights, prefix_len: int, *, heads: int, eps: float):

@@ -84,8 +84,7 @@ def variants(p, old_path: str | None, step_configs: bool = False):
                                                           p["weights"])}
 
     def kernels(module, attention, pdl=True, persistent=False, step_config=None, sleep=True):
-        extra = {"persistent": persistent} if module is et else {}
-        fused = module.ExpertKernels(heads, eps, attention, **extra)
+        fused = (es.StepKernels if persistent else module.ExpertKernels)(heads, eps, attention)
         if persistent:
             fused.step.sleep_between_polls = sleep
 
@@ -147,7 +146,7 @@ def trace_step(p, reps: int = 20) -> dict:
     `reps` launches. Per stage kind: the critical path (release to release), and when the first, the
     median and the last program finished after the previous release (us, mean over layers and launches)."""
     cfg = p["cfg"]
-    fused = et.ExpertKernels(cfg.num_heads, cfg.norm_eps, None, persistent=True)
+    fused = es.StepKernels(cfg.num_heads, cfg.norm_eps, None)
     args = (p["x"], p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
     fused.stack(*args)
     step = fused.step
