@@ -25,7 +25,7 @@ if [[ " $stages " == *" step160 "* ]]; then
 fi
 if [[ " $stages " == *" tests "* ]]; then
   log "GPU tests of the fused kernels"
-  timeout 300 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py -k "triton or persistent or graph_call" > "$out/gpu_tests.log" 2>&1
+  timeout 300 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py -k "triton or persistent or graph_call or same_bits" > "$out/gpu_tests.log" 2>&1
   log "rc=$? $(tail -1 "$out/gpu_tests.log")"; grep -E "^\[|triton|persistent" "$out/gpu_tests.log" | grep -E " us|vs eager" | head -30
 fi
 if [[ " $stages " == *" bench "* ]]; then
