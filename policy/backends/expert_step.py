@@ -62,7 +62,6 @@ WIDTHS = {"Q": 64, "O": 32, "G": 64, "D": 32}  # output columns of a tile per st
 # 3.6, sm_90: the adaRMS-folded, paired q|k|v and gate|up tiles need about twice the registers of a plain one)
 MAX_BK = {"Q": 256, "G": 256, "O": 1024, "D": 1024}
 PROGRAMS = None  # at most this many programs (None: one per SM)
-PIPELINE = False  # True: issue an item's weight loads before the previous item is computed (slower as measured: more spills)
 NOMINAL_PROGRAMS = 32  # the interpreter runs one program but sizes the split-K tiles as if for this many
 
 
@@ -70,15 +69,12 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def stage_blocks(width: int, mlp: int, heads: int, hd: int, programs: int, nominal: int | None = None,
-                 widths: dict | None = None, max_bk: dict | None = None) -> dict:
+def stage_blocks(width: int, mlp: int, heads: int, hd: int, programs: int, widths: dict | None = None,
+                 max_bk: dict | None = None) -> dict:
     """Per product stage (Q, O, G, D): the tile width BLOCK_N (WIDTHS; q|k|v tiles hold RoPE pairs, at most
     head_dim / 2), the K slice BLOCK_K: no longer than the stage's MAX_BK (what fits the registers without
-    spilling), and more K slices (a power of two) while the items stay within one per program
-    (`nominal` programs, default `programs`); and PIPE: whether the `programs` get more than one item each
-    (then each item's loads are issued before the previous item is computed)."""
+    spilling), and more K slices (a power of two) while the items stay within one per program."""
     widths, max_bk = WIDTHS if widths is None else widths, MAX_BK if max_bk is None else max_bk
-    nominal = programs if nominal is None else nominal
     stages = {  # name: (output columns (RoPE pairs, gate/up pairs), K, tile width)
         "Q": ((heads + 2) * (hd // 2), width, min(widths["Q"], hd // 2)),
         "O": (width, heads * hd, widths["O"]),
@@ -91,11 +87,9 @@ def stage_blocks(width: int, mlp: int, heads: int, hd: int, programs: int, nomin
         split = 1
         while _pow2_at_least(triton.cdiv(k, split)) > max_bk.get(name, k):
             split *= 2
-        while tiles * split * 2 <= nominal and triton.cdiv(k, split * 2) >= 16:
+        while tiles * split * 2 <= programs and triton.cdiv(k, split * 2) >= 16:
             split *= 2
-        bk = _pow2_at_least(triton.cdiv(k, split))
-        out[f"{name}_BN"], out[f"{name}_BK"] = bn, bk
-        out[f"{name}_PIPE"] = PIPELINE and tiles * triton.cdiv(k, bk) > programs
+        out[f"{name}_BN"], out[f"{name}_BK"] = bn, _pow2_at_least(triton.cdiv(k, split))
     return out
 
 
@@ -125,7 +119,6 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
                  IEEE: tl.constexpr, GELU_C: tl.constexpr, BLOCK_M: tl.constexpr,
                  Q_BN: tl.constexpr, Q_BK: tl.constexpr, O_BN: tl.constexpr, O_BK: tl.constexpr,
                  G_BN: tl.constexpr, G_BK: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr,
-                 Q_PIPE: tl.constexpr, O_PIPE: tl.constexpr, G_PIPE: tl.constexpr, D_PIPE: tl.constexpr,
                  ATT_BQ: tl.constexpr, ATT_BS: tl.constexpr, BAR: tl.constexpr,
                  TRACE: tl.constexpr):
     pid = tl.program_id(0)
@@ -152,95 +145,41 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
         k_l = k_ptr + lw * batch * KEYS * HD
         v_l = v_ptr + lw * batch * KEYS * HD
         bar = layer * 5  # this layer's barriers: bar + 0 (Q done) .. bar + 4 (D done)
-        # Each product stage: this program's first item's operands are loaded before the loop (so before the
-        # wait in the item's body); with PIPE (more items than programs) each item's loads are issued before
-        # the previous item is computed, else after it.
         # Q: waits for the previous layer's D (the first layer's input is ready at launch)
-        wq = wqkv_ptr + lw * NQKV * WIDTH
-        n_items = Q_TILES * Q_SPLIT
-        w1, w2, sc, sh = et._qkv_rope_operands(wq, mods, mods + WIDTH, NQKV, WIDTH, HD, Q_BN, Q_BK,
-                                               pid // Q_SPLIT, pid % Q_SPLIT, pid < n_items)
-        for item in range(pid, n_items, nprog):
-            nxt = item + nprog
-            if Q_PIPE:
-                n1, n2, nsc, nsh = et._qkv_rope_operands(wq, mods, mods + WIDTH, NQKV, WIDTH, HD, Q_BN, Q_BK,
-                                                         nxt // Q_SPLIT, nxt % Q_SPLIT, nxt < n_items)
-            et._qkv_rope_tile(src, wq, sqkv_ptr + layer * s_stride, mods, mods + WIDTH, cos_ptr, sin_ptr,
-                              q_ptr, k_l, v_l, ws_ptr, cnt_ptr, M, NQKV, WIDTH, T, KEYS, prefix_len, eps, NQ, HD, F8_QKV,
-                              IEEE, False, BLOCK_M, Q_BN, Q_BK, True, item // Q_SPLIT, item % Q_SPLIT, 0, Q_TILES, BLOCK_M,
-                              BAR, bar_ptr + bar - 1, nprog, err_ptr, (item == pid) & (layer > 0), True,
-                              w1, w2, sc, sh, True)
-            if Q_PIPE:
-                w1, w2, sc, sh = n1, n2, nsc, nsh
-            else:
-                w1, w2, sc, sh = et._qkv_rope_operands(wq, mods, mods + WIDTH, NQKV, WIDTH, HD, Q_BN, Q_BK,
-                                                       nxt // Q_SPLIT, nxt % Q_SPLIT, nxt < n_items)
+        for item in range(pid, Q_TILES * Q_SPLIT, nprog):
+            et._qkv_rope_tile(src, wqkv_ptr + lw * NQKV * WIDTH, sqkv_ptr + layer * s_stride, mods, mods + WIDTH, cos_ptr,
+                              sin_ptr, q_ptr, k_l, v_l, ws_ptr, cnt_ptr, M, NQKV, WIDTH, T, KEYS, prefix_len, eps, NQ, HD,
+                              F8_QKV, IEEE, False, BLOCK_M, Q_BN, Q_BK, True, item // Q_SPLIT, item % Q_SPLIT, 0, Q_TILES,
+                              BLOCK_M, BAR, bar_ptr + bar - 1, nprog, err_ptr, (item == pid) & (layer > 0), True)
         _arrive(bar_ptr, bar, last_bar, nprog, trace_ptr, TRACE)
         # A: q and the own K/V from Q
         for item in range(pid, batch * nq * nsplit, nprog):
             b = item // (nq * nsplit)
             rest = item % (nq * nsplit)
             et._attention_tile(q_ptr, k_l, v_l, bias_ptr, attn_ptr, ws_ptr, cnt_ptr, rb, KEYS, M * NQ, prefix_len,
-                               prefix_len + T, sm_scale, HD, IEEE, False, ATT_BQ, ATT_BS, rest // nsplit,
-                               rest % nsplit, b, nq, nsplit, BAR, bar_ptr + bar, nprog, err_ptr, item == pid, True)
+                               prefix_len + T, sm_scale, HD, IEEE, False, ATT_BQ, ATT_BS, rest // nsplit, rest % nsplit, b,
+                               nq, nsplit, BAR, bar_ptr + bar, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 1, last_bar, nprog, trace_ptr, TRACE)
         # O: x1 = x + gate1 * (attn @ Wo^T)
-        wo = wo_ptr + lw * WIDTH * ATT
-        n_items = O_TILES * O_SPLIT
-        w1, w2, sc, sh = et._residual_operands(wo, WIDTH, ATT, O_BN, O_BK, pid // O_SPLIT, pid % O_SPLIT, pid < n_items)
-        for item in range(pid, n_items, nprog):
-            nxt = item + nprog
-            if O_PIPE:
-                n1, n2, nsc, nsh = et._residual_operands(wo, WIDTH, ATT, O_BN, O_BK, nxt // O_SPLIT, nxt % O_SPLIT,
-                                                         nxt < n_items)
-            et._gated_residual_tile(attn_ptr, wo, so_ptr + layer * s_stride, src, mods + 2 * WIDTH, x1_ptr,
-                                    ws_ptr, cnt_ptr, M, WIDTH, ATT, F8_O, IEEE, False, BLOCK_M, O_BN, O_BK, True,
+        for item in range(pid, O_TILES * O_SPLIT, nprog):
+            et._gated_residual_tile(attn_ptr, wo_ptr + lw * WIDTH * ATT, so_ptr + layer * s_stride, src, mods + 2 * WIDTH,
+                                    x1_ptr, ws_ptr, cnt_ptr, M, WIDTH, ATT, F8_O, IEEE, False, BLOCK_M, O_BN, O_BK, True,
                                     item // O_SPLIT, item % O_SPLIT, 0, O_TILES, BLOCK_M,
-                                    BAR, bar_ptr + bar + 1, nprog, err_ptr, item == pid, True, w1, w2, sc, sh, True)
-            if O_PIPE:
-                w1, w2, sc, sh = n1, n2, nsc, nsh
-            else:
-                w1, w2, sc, sh = et._residual_operands(wo, WIDTH, ATT, O_BN, O_BK, nxt // O_SPLIT, nxt % O_SPLIT,
-                                                       nxt < n_items)
+                                    BAR, bar_ptr + bar + 1, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 2, last_bar, nprog, trace_ptr, TRACE)
         # G: hidden = gelu(h Wg^T) * (h Wu^T), h = adaRMS(x1)
-        wg = wgu_ptr + lw * 2 * MLP * WIDTH
-        n_items = G_TILES * G_SPLIT
-        w1, w2, sc, sh = et._geglu_operands(wg, mods + 3 * WIDTH, mods + 4 * WIDTH, 2 * MLP, WIDTH, G_BN, G_BK,
-                                            pid // G_SPLIT, pid % G_SPLIT, pid < n_items)
-        for item in range(pid, n_items, nprog):
-            nxt = item + nprog
-            if G_PIPE:
-                n1, n2, nsc, nsh = et._geglu_operands(wg, mods + 3 * WIDTH, mods + 4 * WIDTH, 2 * MLP, WIDTH, G_BN, G_BK,
-                                                      nxt // G_SPLIT, nxt % G_SPLIT, nxt < n_items)
-            et._geglu_tile(x1_ptr, wg, sgu_ptr + layer * s_stride, mods + 3 * WIDTH, mods + 4 * WIDTH,
-                           hid_ptr, ws_ptr, cnt_ptr, M, 2 * MLP, WIDTH, eps, F8_GU, IEEE, False, GELU_C,
+        for item in range(pid, G_TILES * G_SPLIT, nprog):
+            et._geglu_tile(x1_ptr, wgu_ptr + lw * 2 * MLP * WIDTH, sgu_ptr + layer * s_stride, mods + 3 * WIDTH,
+                           mods + 4 * WIDTH, hid_ptr, ws_ptr, cnt_ptr, M, 2 * MLP, WIDTH, eps, F8_GU, IEEE, False, GELU_C,
                            BLOCK_M, G_BN, G_BK, True, item // G_SPLIT, item % G_SPLIT, 0, G_TILES, BLOCK_M,
-                           BAR, bar_ptr + bar + 2, nprog, err_ptr, item == pid, True, w1, w2, sc, sh, True)
-            if G_PIPE:
-                w1, w2, sc, sh = n1, n2, nsc, nsh
-            else:
-                w1, w2, sc, sh = et._geglu_operands(wg, mods + 3 * WIDTH, mods + 4 * WIDTH, 2 * MLP, WIDTH, G_BN, G_BK,
-                                                    nxt // G_SPLIT, nxt % G_SPLIT, nxt < n_items)
+                           BAR, bar_ptr + bar + 2, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 3, last_bar, nprog, trace_ptr, TRACE)
         # D: x2 = x1 + gate2 * (hidden @ Wd^T), into out (the next layer's input)
-        wd = wd_ptr + lw * WIDTH * MLP
-        n_items = D_TILES * D_SPLIT
-        w1, w2, sc, sh = et._residual_operands(wd, WIDTH, MLP, D_BN, D_BK, pid // D_SPLIT, pid % D_SPLIT, pid < n_items)
-        for item in range(pid, n_items, nprog):
-            nxt = item + nprog
-            if D_PIPE:
-                n1, n2, nsc, nsh = et._residual_operands(wd, WIDTH, MLP, D_BN, D_BK, nxt // D_SPLIT, nxt % D_SPLIT,
-                                                         nxt < n_items)
-            et._gated_residual_tile(hid_ptr, wd, sd_ptr + layer * s_stride, x1_ptr, mods + 5 * WIDTH, out_ptr,
-                                    ws_ptr, cnt_ptr, M, WIDTH, MLP, F8_D, IEEE, False, BLOCK_M, D_BN, D_BK, True,
+        for item in range(pid, D_TILES * D_SPLIT, nprog):
+            et._gated_residual_tile(hid_ptr, wd_ptr + lw * WIDTH * MLP, sd_ptr + layer * s_stride, x1_ptr, mods + 5 * WIDTH,
+                                    out_ptr, ws_ptr, cnt_ptr, M, WIDTH, MLP, F8_D, IEEE, False, BLOCK_M, D_BN, D_BK, True,
                                     item // D_SPLIT, item % D_SPLIT, 0, D_TILES, BLOCK_M,
-                                    BAR, bar_ptr + bar + 3, nprog, err_ptr, item == pid, True, w1, w2, sc, sh, True)
-            if D_PIPE:
-                w1, w2, sc, sh = n1, n2, nsc, nsh
-            else:
-                w1, w2, sc, sh = et._residual_operands(wd, WIDTH, MLP, D_BN, D_BK, nxt // D_SPLIT, nxt % D_SPLIT,
-                                                       nxt < n_items)
+                                    BAR, bar_ptr + bar + 3, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 4, last_bar, nprog, trace_ptr, TRACE)
 
 
@@ -342,7 +281,7 @@ class ExpertStep:
         nprog = self.programs(dev)
         if et.INTERPRET:  # one program, tiles sized as for NOMINAL_PROGRAMS, at most the interpreter's widths
             narrow = {k: min(v, et.INTERPRETER_BLOCKS["BLOCK_N"]) for k, v in WIDTHS.items()}
-            blocks = stage_blocks(width, mlp, heads, hd, nprog, NOMINAL_PROGRAMS, narrow, {})
+            blocks = stage_blocks(width, mlp, heads, hd, NOMINAL_PROGRAMS, narrow, {})
         else:
             blocks = stage_blocks(width, mlp, heads, hd, nprog)
         att_bq, att_bs = (et.INTERPRETER_BLOCKS["BLOCK_M"], 32) if et.INTERPRET else (et.ATTN_BLOCK_Q, et.ATTN_BLOCK_S)

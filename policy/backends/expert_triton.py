@@ -244,16 +244,13 @@ def _mac(x_ptr, rows, ks, M, K: tl.constexpr, w1, w2, sc, sh, acc1, acc2, sq, sh
 def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N1, N, K: tl.constexpr, scale_ptr, shift_ptr,
              NORM: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             pid_k, tile, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr,
-             pw1, pw2, psc, psh, PRELOADED: tl.constexpr):
+             pid_k, tile, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr):
     """The tile (rows, cols1 [, cols2]) of x @ w^T (w: N rows of K) over all of K, in fp32, with (for NORM)
     each row's sum of squares of x and shift @ w^T per column; columns cols1 >= N1 and cols2 >= N are
     outside the product (masked: GEGLU's gate columns end where its up columns begin). Returns (acc1, acc2, sq, sh1, sh2, last): with SPLIT_K
     only the program that completes the tile (last) holds the full sums; the others hold partials.
     pid_k: this program's K slice; tile: the output tile's counter; m_pad: rows as the workspace pads
-    them; the rest says how to wait for the activations (`_stage_wait`) and read them (CG). PRELOADED: the
-    slice's operands (pw1, pw2, psc, psh) were loaded by the caller (the step kernel loads the next item's
-    while it computes this one), as `_slice_operands` returns them."""
+    them; the rest says how to wait for the activations (`_stage_wait`) and read them (CG)."""
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -264,10 +261,7 @@ def _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols2, M, N1, N, K: tl.
         SPLIT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         # everything that does not depend on the previous kernel is loaded before the wait
-        if PRELOADED:
-            w1, w2, sc, sh = pw1, pw2, psc, psh
-        else:
-            w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N1, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
+        w1, w2, sc, sh = _slice_operands(w_ptr, cols1, cols2, ks, N1, N, K, scale_ptr, shift_ptr, NORM, PAIRED, BLOCK_K)
         _stage_wait(PDL, BAR, bar_ptr, nprog, err_ptr, wait_now)
         acc1, acc2, sq, sh1, sh2 = _mac(x_ptr, rows, ks, M, K, w1, w2, sc, sh, acc1, acc2, sq, sh1, sh2,
                                         NORM, PAIRED, IEEE, CG, BLOCK_M)
@@ -332,44 +326,6 @@ def _normed(acc, sq, sh, w_scale_ptr, K: tl.constexpr, eps, W_FP8: tl.constexpr,
     return _rnd(y, dt).to(tl.float32)
 
 
-@triton.jit
-def _qkv_columns(pid_n, HD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Column tile pid_n of q|k|v: its head (0..NQ-1 queries, NQ the k head, NQ + 1 the v head), its RoPE
-    offsets d in [0, HD/2), and its first columns (head * HD + d; the second are HD/2 further)."""
-    head = pid_n // (HD // 2 // BLOCK_N)
-    d = (pid_n % (HD // 2 // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return head, d, head * HD + d
-
-
-@triton.jit
-def _qkv_rope_operands(w_ptr, scale_ptr, shift_ptr, N, K: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, pid_n, pid_k, valid):
-    """The weight tiles and modulation of q|k|v tile (pid_n, pid_k); nothing is read unless `valid`."""
-    _, _, cols1 = _qkv_columns(pid_n, HD, BLOCK_N)
-    n = tl.where(valid, N, 0)
-    return _slice_operands(w_ptr, cols1, cols1 + HD // 2, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), n, n, K,
-                           scale_ptr, shift_ptr, True, True, BLOCK_K)
-
-
-@triton.jit
-def _geglu_operands(w_ptr, scale_ptr, shift_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    pid_n, pid_k, valid):
-    """The gate and up weight tiles and modulation of GEGLU tile (pid_n, pid_k); nothing read unless `valid`."""
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = tl.where(valid, N, 0)
-    return _slice_operands(w_ptr, cols, cols + N // 2, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), n // 2, n, K,
-                           scale_ptr, shift_ptr, True, True, BLOCK_K)
-
-
-@triton.jit
-def _residual_operands(w_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, pid_n, pid_k, valid):
-    """The weight tile of gated-residual tile (pid_n, pid_k); nothing read unless `valid`."""
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = tl.where(valid, N, 0)
-    return _slice_operands(w_ptr, cols, cols, pid_k * BLOCK_K + tl.arange(0, BLOCK_K), n, n, K, w_ptr, w_ptr,
-                           False, False, BLOCK_K)
-
-
 @triton.jit(do_not_specialize=["M"])  # one binary for 10 and 160 rows (M only masks)
 def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                      ws_ptr, cnt_ptr, M, N, K: tl.constexpr, T, KEYS, prefix_len, eps,
@@ -380,7 +336,7 @@ def _qkv_rope_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, s
     _qkv_rope_tile(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr,
                    M, N, K, T, KEYS, prefix_len, eps, NQ, HD, W_FP8, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
                    tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2) * BLOCK_M,
-                   False, cnt_ptr, 1, cnt_ptr, False, False, 0, 0, 0, 0, False)
+                   False, cnt_ptr, 1, cnt_ptr, False, False)
 
 
 @triton.jit
@@ -388,16 +344,16 @@ def _qkv_rope_tile(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, cos_ptr, sin
                    ws_ptr, cnt_ptr, M, N, K: tl.constexpr, T, KEYS, prefix_len, eps,
                    NQ: tl.constexpr, HD: tl.constexpr, W_FP8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   pid_n, pid_k, pid_m, n_tiles, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr,
-                   pw1, pw2, psc, psh, PRELOADED: tl.constexpr):
+                   pid_n, pid_k, pid_m, n_tiles, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr):
     """Tile (pid_n, pid_k, pid_m) of q|k|v + RoPE (n_tiles column tiles, m_pad rows in the workspace)."""
-    head, d, cols1 = _qkv_columns(pid_n, HD, BLOCK_N)
+    head = pid_n // (HD // 2 // BLOCK_N)  # 0..NQ-1: query heads, NQ: the k head, NQ + 1: the v head
+    d = (pid_n % (HD // 2 // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # in [0, HD/2)
+    cols1 = head * HD + d
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc1, acc2, sq, sh1, sh2, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols1, cols1 + HD // 2, M, N, N, K,
                                               scale_ptr, shift_ptr, True, True, IEEE, PDL,
                                               BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, pid_k, pid_m * n_tiles + pid_n, m_pad,
-                                              BAR, bar_ptr, nprog, err_ptr, wait_now, CG,
-                                              pw1, pw2, psc, psh, PRELOADED)
+                                              BAR, bar_ptr, nprog, err_ptr, wait_now, CG)
     if last:
         dt = q_ptr.dtype.element_ty
         y1 = _normed(acc1, sq, sh1, w_scale_ptr, K, eps, W_FP8, dt)
@@ -436,22 +392,19 @@ def _gated_residual_kernel(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr
     """out = res + gate * (a @ w^T): the expert's gated residual after o_proj and down_proj."""
     _gated_residual_tile(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, W_FP8, IEEE, PDL,
                          BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                         tl.num_programs(0), tl.num_programs(2) * BLOCK_M, False, cnt_ptr, 1, cnt_ptr, False, False,
-                         0, 0, 0, 0, False)
+                         tl.num_programs(0), tl.num_programs(2) * BLOCK_M, False, cnt_ptr, 1, cnt_ptr, False, False)
 
 
 @triton.jit
 def _gated_residual_tile(a_ptr, w_ptr, w_scale_ptr, res_ptr, gate_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                          K: tl.constexpr, W_FP8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                         pid_n, pid_k, pid_m, n_tiles, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr,
-                   pw1, pw2, psc, psh, PRELOADED: tl.constexpr):
+                         pid_n, pid_k, pid_m, n_tiles, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr):
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc, _, _, _, _, last = _product(a_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols, M, N, N, K, gate_ptr, gate_ptr,
                                      False, False, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
-                                     pid_k, pid_m * n_tiles + pid_n, m_pad, BAR, bar_ptr, nprog, err_ptr, wait_now, CG,
-                                              pw1, pw2, psc, psh, PRELOADED)
+                                     pid_k, pid_m * n_tiles + pid_n, m_pad, BAR, bar_ptr, nprog, err_ptr, wait_now, CG)
     if last:
         if W_FP8:
             acc = acc * tl.load(w_scale_ptr)
@@ -471,24 +424,21 @@ def _geglu_kernel(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, ws_p
     """out (M, N // 2) = gelu_tanh(h @ Wg^T) * (h @ Wu^T), h = adaRMS(x); w = [Wg ; Wu] (N, K)."""
     _geglu_tile(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, eps, W_FP8, IEEE, PDL,
                 GELU_C, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                tl.num_programs(0), tl.num_programs(2) * BLOCK_M, False, cnt_ptr, 1, cnt_ptr, False, False,
-                0, 0, 0, 0, False)
+                tl.num_programs(0), tl.num_programs(2) * BLOCK_M, False, cnt_ptr, 1, cnt_ptr, False, False)
 
 
 @triton.jit
 def _geglu_tile(x_ptr, w_ptr, w_scale_ptr, scale_ptr, shift_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K: tl.constexpr,
                 eps, W_FP8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, GELU_C: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                pid_n, pid_k, pid_m, n_tiles, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr,
-                   pw1, pw2, psc, psh, PRELOADED: tl.constexpr):
+                pid_n, pid_k, pid_m, n_tiles, m_pad, BAR: tl.constexpr, bar_ptr, nprog, err_ptr, wait_now, CG: tl.constexpr):
     hidden = N // 2
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # gate column c pairs with up column hidden + c
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc_g, acc_u, sq, sh_g, sh_u, last = _product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols + hidden, M, hidden, N, K,
                                                   scale_ptr, shift_ptr, True, True, IEEE, PDL,
                                                   BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, pid_k, pid_m * n_tiles + pid_n,
-                                                  m_pad, BAR, bar_ptr, nprog, err_ptr, wait_now, CG,
-                                              pw1, pw2, psc, psh, PRELOADED)
+                                                  m_pad, BAR, bar_ptr, nprog, err_ptr, wait_now, CG)
     if last:
         dt = out_ptr.dtype.element_ty
         g = _normed(acc_g, sq, sh_g, w_scale_ptr, K, eps, W_FP8, dt)

@@ -32,8 +32,7 @@ from policy.backends.fused import ExpertWeights  # noqa: E402
 from policy.pi05.config import get_config  # noqa: E402
 from policy.pi05.gemma import rope_cos_sin  # noqa: E402
 
-STEP_CONFIGS = {  # alternatives to the step kernel's defaults (expert_step.WIDTHS / MAX_BK / PIPELINE ...), same process
-    "prefetch of a program's next item": {"PIPELINE": True},
+STEP_CONFIGS = {  # alternatives to the step kernel's defaults (expert_step.WIDTHS / MAX_BK ...), same process
     "q|k|v tiles of 32 columns": {"WIDTHS": {"Q": 32, "O": 32, "G": 32, "D": 32}},
     "GEGLU K slices of 512": {"MAX_BK": {"Q": 256, "G": 512, "O": 1024, "D": 1024}},
 }
