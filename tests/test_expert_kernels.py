@@ -258,7 +258,7 @@ def _bounded_columns_probe(x_ptr, w_ptr, ws_ptr, cnt_ptr, out1_ptr, out2_ptr, M,
     acc1, acc2, sq, sh1, sh2, last = et._product(x_ptr, w_ptr, ws_ptr, cnt_ptr, rows, cols, cols + N1, M, N1, N, K,
                                                  x_ptr, x_ptr, False, True, True, False, 16, BLOCK_N, BLOCK_K, True,
                                                  tl.program_id(1), tl.program_id(0), 16, False, cnt_ptr, 1, cnt_ptr,
-                                                 False, False, 0, 0, 0, 0, False)
+                                                 False, False)
     if last:
         at = rows[:, None] * (tl.num_programs(0) * BLOCK_N) + cols[None, :]
         tl.store(out1_ptr + at, acc1)
