@@ -110,6 +110,21 @@ def _arrive(bar_ptr, idx, last_idx, nprog, trace_ptr, TRACE: tl.constexpr):
 
 
 @triton.jit
+def _gated_residual_stage(a_ptr, w_ptr, s_ptr, res_ptr, gate_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K: tl.constexpr,
+                          W_FP8: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BAR: tl.constexpr, wait_ptr, err_ptr):
+    """Stage O or D: this program's items of out = res + gate * (a @ w^T), the first after barrier wait_ptr."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    SPLIT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    for item in range(pid, TILES * SPLIT, nprog):
+        et._gated_residual_tile(a_ptr, w_ptr, s_ptr, res_ptr, gate_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, W_FP8, IEEE, False,
+                                BLOCK_M, BLOCK_N, BLOCK_K, True, item // SPLIT, item % SPLIT, 0, TILES, BLOCK_M,
+                                BAR, wait_ptr, nprog, err_ptr, item == pid, True)
+
+
+@triton.jit
 def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
                  wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, sqkv_ptr, so_ptr, sgu_ptr, sd_ptr,
                  mods_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, bias_ptr, ws_ptr, cnt_ptr, bar_ptr, err_ptr, trace_ptr,
@@ -127,12 +142,8 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
     ATT: tl.constexpr = NQ * HD
     Q_TILES: tl.constexpr = (NQ + 2) * (HD // 2 // Q_BN)
     Q_SPLIT: tl.constexpr = (WIDTH + Q_BK - 1) // Q_BK
-    O_TILES: tl.constexpr = (WIDTH + O_BN - 1) // O_BN
-    O_SPLIT: tl.constexpr = (ATT + O_BK - 1) // O_BK
     G_TILES: tl.constexpr = (MLP + G_BN - 1) // G_BN
     G_SPLIT: tl.constexpr = (WIDTH + G_BK - 1) // G_BK
-    D_TILES: tl.constexpr = (WIDTH + D_BN - 1) // D_BN
-    D_SPLIT: tl.constexpr = (MLP + D_BK - 1) // D_BK
     batch = M // T
     rb = T * NQ  # query rows per batch row: (token, head)
     nq = (rb + ATT_BQ - 1) // ATT_BQ
@@ -161,11 +172,8 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
                                nq, nsplit, BAR, bar_ptr + bar, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 1, last_bar, nprog, trace_ptr, TRACE)
         # O: x1 = x + gate1 * (attn @ Wo^T)
-        for item in range(pid, O_TILES * O_SPLIT, nprog):
-            et._gated_residual_tile(attn_ptr, wo_ptr + lw * WIDTH * ATT, so_ptr + layer * s_stride, src, mods + 2 * WIDTH,
-                                    x1_ptr, ws_ptr, cnt_ptr, M, WIDTH, ATT, F8_O, IEEE, False, BLOCK_M, O_BN, O_BK, True,
-                                    item // O_SPLIT, item % O_SPLIT, 0, O_TILES, BLOCK_M,
-                                    BAR, bar_ptr + bar + 1, nprog, err_ptr, item == pid, True)
+        _gated_residual_stage(attn_ptr, wo_ptr + lw * WIDTH * ATT, so_ptr + layer * s_stride, src, mods + 2 * WIDTH, x1_ptr,
+                              ws_ptr, cnt_ptr, M, WIDTH, ATT, F8_O, IEEE, BLOCK_M, O_BN, O_BK, BAR, bar_ptr + bar + 1, err_ptr)
         _arrive(bar_ptr, bar + 2, last_bar, nprog, trace_ptr, TRACE)
         # G: hidden = gelu(h Wg^T) * (h Wu^T), h = adaRMS(x1)
         for item in range(pid, G_TILES * G_SPLIT, nprog):
@@ -175,11 +183,8 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
                            BAR, bar_ptr + bar + 2, nprog, err_ptr, item == pid, True)
         _arrive(bar_ptr, bar + 3, last_bar, nprog, trace_ptr, TRACE)
         # D: x2 = x1 + gate2 * (hidden @ Wd^T), into out (the next layer's input)
-        for item in range(pid, D_TILES * D_SPLIT, nprog):
-            et._gated_residual_tile(hid_ptr, wd_ptr + lw * WIDTH * MLP, sd_ptr + layer * s_stride, x1_ptr, mods + 5 * WIDTH,
-                                    out_ptr, ws_ptr, cnt_ptr, M, WIDTH, MLP, F8_D, IEEE, False, BLOCK_M, D_BN, D_BK, True,
-                                    item // D_SPLIT, item % D_SPLIT, 0, D_TILES, BLOCK_M,
-                                    BAR, bar_ptr + bar + 3, nprog, err_ptr, item == pid, True)
+        _gated_residual_stage(hid_ptr, wd_ptr + lw * WIDTH * MLP, sd_ptr + layer * s_stride, x1_ptr, mods + 5 * WIDTH, out_ptr,
+                              ws_ptr, cnt_ptr, M, WIDTH, MLP, F8_D, IEEE, BLOCK_M, D_BN, D_BK, BAR, bar_ptr + bar + 3, err_ptr)
         _arrive(bar_ptr, bar + 4, last_bar, nprog, trace_ptr, TRACE)
 
 
