@@ -94,7 +94,7 @@ for fp8 in (False, True):
                        options={"num_warps": es.WARPS, "num_stages": 1})
     ptx = k.asm["ptx"]
     out[f"step{'-fp8' if fp8 else ''}"] = {"release": len(re.findall(r"atom[.a-z]*\.release", ptx)),
-                                           "acquire": len(re.findall(r"atom[.a-z]*\.acq", ptx)),
+                                           "acquire": len(re.findall(r"ld\.acquire\.gpu", ptx)),
                                            "volatile_polls": len(re.findall(r"ld\.volatile", ptx)),
                                            "sleeps": ptx.count("nanosleep"), "timer": ptx.count("%globaltimer")}
 print(json.dumps(out))
@@ -145,8 +145,9 @@ def test_attention_prefetches_the_cached_prefix_keys_and_values_before_the_wait(
 
 
 def test_the_persistent_step_kernel_compiles_for_hopper_with_its_grid_barriers(ptx):
-    """Real size, bf16 and FP8 MLP: the arrivals release, the waits acquire after polling with volatile loads
-    and a sleep, and the trace reads the global timer (the interpreter cannot check any of that)."""
+    """Real size, bf16 and FP8 MLP: the arrivals release, the waits poll with acquire loads (an atomic add of
+    0 with acquire semantics compiled to nothing in Triton 3.6) and a sleep, and check the error flag with
+    volatile loads; the trace reads the global timer (the interpreter cannot check any of that)."""
     for name in ("step", "step-fp8"):
         info = ptx[name]
         assert info["release"] >= 5 and info["acquire"] >= 5 and info["volatile_polls"] >= 5, (name, info)

@@ -82,13 +82,17 @@ def test_stage_blocks_keep_one_item_a_program_within_the_register_budget():
     assert items["Q"] <= 132 and items["O"] <= 132 and items["D"] <= 132  # one round; GEGLU needs two (MAX_BK)
 
 
-def test_stacked_view_finds_evenly_spaced_views_of_one_tensor_only():
+def test_stacked_view_finds_consecutive_views_of_one_tensor_only():
+    """The kernel steps from one layer to the next by a layer's size: a gap between layers (every other
+    layer, an interleaved K/V buffer) must not count as stacked, or it would read and write the gaps."""
     base = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5)
     view = es.stacked_view(list(base.unbind(0)))
     assert view is not None and torch.equal(view, base) and view.data_ptr() == base.data_ptr()
     assert es.stacked_view([torch.zeros(4, 5) for _ in range(3)]) is None  # separate tensors
-    assert es.stacked_view([base[0], base[2]]) is not None  # evenly spaced, with a gap: still one strided tensor
-    assert es.stacked_view([base[0], base[1], base[0]]) is None  # not evenly spaced
+    assert es.stacked_view([base[0], base[2]]) is None  # evenly spaced, with a gap
+    kv = torch.zeros(3, 2, 4, 5)  # (depth, K/V, ...): the K views are a layer apart with a V between
+    assert es.stacked_view([kv[i, 0] for i in range(3)]) is None
+    assert es.stacked_view([base[0], base[1], base[0]]) is None  # not in order
     assert es.stacked_view([base[0], base[1, :3]]) is None  # shapes differ
     assert es.stacked_view([t.t() for t in base.unbind(0)]) is None  # not contiguous
 
@@ -144,10 +148,58 @@ def test_a_step_kernel_that_disagrees_is_replaced_by_the_layer_kernels(monkeypat
     assert (out - et.reference_stack(*_args(p), heads=p["heads"], eps=EPS)).abs().max() <= 1e-5
 
 
-def test_the_trace_buffer_is_checked():
+def test_the_trace_buffer_and_the_modulations_are_checked():
     p = _problem(torch.float32)
     step = es.ExpertStep(p["heads"], EPS)
-    step.trace = torch.zeros(1, 3, dtype=torch.int64)  # wrong shape: ignored in the interpreter (no timer there)
+    step.trace = torch.zeros(1, 3, dtype=torch.int64)  # one program, 2 layers x 5 stages: (1, 10) wanted
+    with pytest.raises(ValueError, match="trace buffer"):
+        step(*_args(p))
+    step.trace = torch.zeros(1, 10, dtype=torch.int64)  # right: accepted (the interpreter has no timer to record)
     assert torch.isfinite(step(*_args(p))).all()
     with pytest.raises(ValueError, match="mods"):
         step(p["x"], p["mods"][:1], *_args(p)[2:])
+
+
+def test_a_launch_starts_from_clean_counters_whatever_the_last_one_left():
+    """A launch that gave up on a GPU can leave a tile counter non-zero; the next must not inherit it (a
+    reducer firing early would make every later launch wrong)."""
+    p = _problem(torch.float32)
+    step = es.ExpertStep(p["heads"], EPS)
+    step(*_args(p))
+    ws, cnt = step.scratch._buffers[p["x"].device]
+    cnt[:4] = 1  # as a launch that gave up mid-stage leaves them
+    out = step(*_args(p))
+    assert (out - et.reference_stack(*_args(p), heads=p["heads"], eps=EPS)).abs().max() <= 1e-5
+
+
+def test_a_barrier_that_gave_up_makes_the_output_nan_and_says_so():
+    """The error flag (raised on the GPU by a barrier that gave up) is sticky: the step's output is NaN, not
+    plausible numbers, for that launch and every later one, and `failed()` reports it."""
+    p = _problem(torch.float32)
+    step = es.ExpertStep(p["heads"], EPS)
+    assert torch.isfinite(step(*_args(p))).all() and not step.failed(p["x"].device)
+    ws, cnt = step.scratch._buffers[p["x"].device]
+    cnt[-1] = 1  # the flag, as _grid_wait raises it
+    assert step(*_args(p)).isnan().all() and step.failed(p["x"].device)
+    assert step(*_args(p)).isnan().all()
+
+
+def test_bad_shapes_are_refused_before_anything_is_written():
+    p = _problem(torch.float32)
+    step = es.ExpertStep(p["heads"], EPS)
+    keys = p["ks"][0].shape[1]
+    before = torch.stack(p["ks"]).clone()
+    with pytest.raises(ValueError, match="do not fit a cache"):  # would write into the next layer's prefix
+        step(*_args(p)[:8], keys - 5)
+    with pytest.raises(ValueError, match="key bias"):
+        step(*_args(p)[:4], p["bias"][:, :, :-1].contiguous(), *_args(p)[5:])
+    with pytest.raises(ValueError, match="cos/sin"):
+        step(p["x"], p["mods"], p["cos"][:, :5].contiguous(), *_args(p)[3:])
+    assert torch.equal(torch.stack(p["ks"]), before)
+    gapped = [lw for lw in es.stack_layers(p["weights"] * 2)][::2]  # every other layer of a stack of 4
+    assert not step.supports(p["x"], p["ks"], p["vs"], gapped)
+
+
+def test_persistent_needs_the_fused_kernels(tiny):
+    with pytest.raises(ValueError, match="expert_kernels='triton'"):
+        CompiledSampler(tiny, num_steps=1, torch_compile=False, expert_persistent=True)

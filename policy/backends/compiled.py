@@ -234,7 +234,8 @@ class CompiledSampler:
         kernels run calls of at most this many action rows (batch x chunk; default: one observation's
         chunk), larger calls the inductor layer, which is faster there (H200, batch 16: README's
         Performance section); expert_persistent (with expert_kernels="triton"): one observation's step runs
-        as one persistent kernel (policy/backends/expert_step.py) rather than five kernels a layer;
+        as one persistent kernel (policy/backends/expert_step.py) rather than five kernels a layer (with its
+        own attention, the split-key kernel's tiles, whatever expert_attention says; slower, see README);
         linear: the matrix product (the fp8 backend passes its own)."""
         self.model = model
         self.cfg = cfg = model.config
@@ -256,6 +257,8 @@ class CompiledSampler:
             raise ValueError(f"unknown expert_attention {expert_attention!r}; choose compiled or triton")
         if expert_attention == "triton" and expert_kernels != "triton":
             raise ValueError("expert_attention='triton' runs inside the fused expert layer: add expert_kernels='triton'")
+        if expert_persistent and expert_kernels != "triton":
+            raise ValueError("expert_persistent=True is the fused expert kernels' step kernel: add expert_kernels='triton'")
         self._impl = attention
         hd, heads, eps = cfg.head_dim, cfg.num_heads, cfg.norm_eps
         fns = {

@@ -20,8 +20,10 @@ loads. So weights stream while the barrier settles (what programmatic dependent 
 kernels, now without launches), and a program with no item in a stage goes straight on to prefetch the
 next. Every counter is reset in the same launch (the last program to arrive at barrier b resets b - 1;
 the last barrier resets itself), so a CUDA graph replays it as is. A barrier that spins for seconds
-(programs not co-resident: more programs than fit, or a GPU shared with other work) gives up and raises
-a sticky error flag instead of hanging (`ExpertStep.failed()`).
+(programs not co-resident: more programs than fit, two step kernels at once, a GPU shared with other
+work) gives up and raises a sticky error flag instead of hanging; every later wait then gives up at once,
+the launch's output is NaN, and so is every later launch's of that launcher (`ExpertStep.failed()`
+says why; the counters are zeroed before each launch).
 
 Deadlock freedom needs every program resident at once: one program per SM (the grid is the SM count)
 and one program fits an SM whenever the kernel launches at all.
@@ -191,8 +193,8 @@ def _step_kernel(x_ptr, out_ptr, x1_ptr, q_ptr, attn_ptr, hid_ptr,
 # ----- stacked weights and caches ---------------------------------------------------------------------
 
 def stacked_view(tensors) -> torch.Tensor | None:
-    """The (n, *shape) tensor whose [i] is tensors[i], if they are evenly spaced views of one storage with
-    one shape, dtype and contiguous layout; else None."""
+    """The (n, *shape) tensor whose [i] is tensors[i], if they are consecutive views of one storage with one
+    shape, dtype and contiguous layout, one right after the other (the kernel assumes that); else None."""
     first = tensors[0]
     if not all(isinstance(t, torch.Tensor) for t in tensors) or not first.is_contiguous():
         return None
@@ -200,8 +202,8 @@ def stacked_view(tensors) -> torch.Tensor | None:
            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in tensors):
         return None
     offsets = [t.storage_offset() for t in tensors]
-    step = offsets[1] - offsets[0] if len(tensors) > 1 else first.numel()
-    if step < first.numel() or any(b - a != step for a, b in zip(offsets, offsets[1:])):
+    step = first.numel()  # dense: the kernel steps from one layer to the next by the tensor's size
+    if any(b - a != step for a, b in zip(offsets, offsets[1:])):
         return None
     return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), offsets[0])
 
@@ -225,10 +227,21 @@ def stack_layers(layers: list[ExpertWeights]) -> list[ExpertWeights]:
     return [ExpertWeights(**{k: out[k][i] for k in ExpertWeights._fields}) for i in range(len(layers))]
 
 
+def _scales_view(scales) -> torch.Tensor | None:
+    """The (depth,) view, strided by SCALE_STRIDE, of per-layer FP8 scales laid out as `stack_layers` does."""
+    first = scales[0]
+    if any(s.dim() != 0 or s.dtype != torch.float32 or s.device != first.device
+           or s.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for s in scales):
+        return None
+    if any(s.storage_offset() - first.storage_offset() != i * SCALE_STRIDE for i, s in enumerate(scales)):
+        return None
+    return first.as_strided((len(scales),), (SCALE_STRIDE,), first.storage_offset())
+
+
 def _kind(mats) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(depth, N, K) matrices and their (depth,) FP8 scales (None for bf16/fp32), if stacked."""
     if isinstance(mats[0], tuple):
-        w, s = stacked_view([m[0] for m in mats]), stacked_view([m[1].reshape(()) for m in mats])
+        w, s = stacked_view([m[0] for m in mats]), _scales_view([m[1] for m in mats])
         return None if w is None or s is None else (w, s)
     w = stacked_view(mats)
     return None if w is None else (w, None)
@@ -279,6 +292,13 @@ class ExpertStep:
         keys = k_all.shape[2]
         if mods.shape != (depth, 6, width) or not mods.is_contiguous() or mods.dtype != torch.float32:
             raise ValueError(f"the step kernel needs contiguous fp32 mods of shape {(depth, 6, width)}, got {tuple(mods.shape)}")
+        if prefix_len < 0 or prefix_len + t > keys:
+            raise ValueError(f"the action tokens' K/V rows {prefix_len}..{prefix_len + t} do not fit a cache of {keys} keys")
+        if bias.shape != (b, 1, keys) or bias.dtype != torch.float32:
+            raise ValueError(f"the step kernel needs a ({b}, 1, {keys}) fp32 key bias, got {tuple(bias.shape)} {bias.dtype}")
+        for buf in (cos, sin):
+            if buf.shape != (b, t, hd) or buf.dtype != x.dtype:
+                raise ValueError(f"the step kernel needs cos/sin of shape {(b, t, hd)} in {x.dtype}, got {tuple(buf.shape)} {buf.dtype}")
         for buf in (cos, sin, bias):
             if not buf.is_contiguous():
                 raise ValueError("the step kernel needs contiguous cos/sin and bias")
@@ -310,9 +330,14 @@ class ExpertStep:
         strides = {kinds[name][1].stride(0) for name in kinds if kinds[name][1] is not None} or {0}
         if len(strides) > 1:
             raise ValueError(f"the FP8 scales of the expert's matrices are laid out differently: strides {strides}")
-        trace = self.trace if self.trace is not None and not et.INTERPRET else None
-        if trace is not None and (trace.shape != (nprog, nbar) or trace.dtype != torch.int64):
-            raise ValueError(f"the trace buffer must be ({nprog}, {nbar}) int64, got {tuple(trace.shape)} {trace.dtype}")
+        trace = self.trace
+        if trace is not None and (trace.shape != (nprog, nbar) or trace.dtype != torch.int64 or trace.device != dev):
+            raise ValueError(f"the trace buffer must be ({nprog}, {nbar}) int64 on {dev}, got {tuple(trace.shape)} "
+                             f"{trace.dtype} on {trace.device}")
+        trace = None if et.INTERPRET else trace  # no timer in the interpreter
+        # every counter from zero, whatever an earlier launch left (one that gave up leaves them dirty); the
+        # error flag is sticky
+        cnt[:tiles + nbar].zero_()
         _step_kernel[(nprog,)](
             x, out, x1, q, attn, hidden, mats["qkv"], mats["o"], mats["gate_up"], mats["down"],
             scales["qkv"], scales["o"], scales["gate_up"], scales["down"], mods, cos, sin, k_all, v_all, bias,
@@ -324,6 +349,7 @@ class ExpertStep:
             IEEE=x.dtype == torch.float32 or et.INTERPRET, GELU_C=et.GELU_C, BLOCK_M=BLOCK_M, **blocks,
             ATT_BQ=att_bq, ATT_BS=att_bs, BAR=2 if self.sleep_between_polls else 1, TRACE=trace is not None,
             num_warps=WARPS, num_stages=1)
+        out.masked_fill_(err.view(1, 1, 1) != 0, float("nan"))  # a barrier gave up: the values are not to be used
         return out
 
 

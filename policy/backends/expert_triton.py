@@ -140,21 +140,34 @@ def now_ns():
 
 
 @triton.jit
+def _load_acquire(ptr):
+    """An int32 load with acquire semantics at GPU scope: once it reads a value a release wrote, this thread's
+    later loads see what preceded that release. Inline PTX: an `atomic_add(ptr, 0, sem="acquire")` after
+    the polls compiled to nothing in Triton 3.6 (the GPU image's), leaving no acquire at all."""
+    if _INTERPRETED:
+        return tl.load(ptr, volatile=True)
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _grid_wait(bar_ptr, nprog, err_ptr, SLEEP: tl.constexpr):
-    """Inside the persistent step kernel (policy/backends/expert_step.py): spin until all `nprog` programs
-    have arrived at barrier counter `bar_ptr` (each after its stores), then acquire, so this program's
-    later loads see what they released. Gives up after SPIN_LIMIT polls and raises the sticky error
-    flag rather than hang (programs not co-resident, e.g. a GPU shared with other work)."""
-    n = tl.load(bar_ptr, volatile=True)
+    """Inside the persistent step kernel (policy/backends/expert_step.py): poll barrier counter `bar_ptr` with
+    acquire loads until all `nprog` programs have arrived (each after its stores), so this program's later
+    loads see what they released. Gives up after SPIN_LIMIT polls, or at once when the sticky error flag
+    is up (another program gave up, now or in an earlier launch), and raises the flag: the launch then
+    finishes quickly with wrong values, which its launcher turns into NaN."""
+    n = _load_acquire(bar_ptr)
+    bad = tl.load(err_ptr, volatile=True)
     polls = 0
-    while (n < nprog) & (polls < SPIN_LIMIT):
+    while (n < nprog) & (polls < SPIN_LIMIT) & (bad == 0):
         if SLEEP:
             _pause()
-        n = tl.load(bar_ptr, volatile=True)
+        n = _load_acquire(bar_ptr)
+        bad = tl.load(err_ptr, volatile=True)
         polls += 1
     if n < nprog:
         tl.atomic_xchg(err_ptr, 1)
-    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
