@@ -48,6 +48,10 @@ in the PTX that nothing but weights and constants is loaded before the wait.
 graph capture) and falls back to the reference, with a warning and a note in `status`, if the kernel
 fails to build or disagrees.
 
+The kernels' bodies are @triton.jit tile functions (`_qkv_rope_tile`, `_attention_tile`, ...) that take their
+tile ids and how to wait for their inputs; the persistent step kernel (policy/backends/expert_step.py) runs
+the same bodies as the work items of its stages, waiting on its grid barriers instead of PDL.
+
 References: Triton's matmul tutorial (tutorials/03-matrix-multiplication.py) for the tiling; gpt-fast
 and "Flash-Decoding" for weight-streaming skinny products and split-key attention; CUTLASS's split-K
 "serial reduction" (a semaphore per output tile) for the last-program reduction; CUDA's programmatic
