@@ -1,4 +1,4 @@
-"""The `compile` backend: fused weights, regional torch.compile, and CUDA graphs over each stage.
+"""The `compile` backend: fused weights, regional torch.compile, and CUDA graphs (one per call).
 
 What it does to the eager model's computation (all exact in real arithmetic; bf16 rounding moves):
 * fused projections (q|k|v, gate|up), norm affines folded into the next matrix, and the time
@@ -6,13 +6,14 @@ What it does to the eager model's computation (all exact in real arithmetic; bf1
 * static buffers: the prefix K/V cache and the action tokens' own K/V share one buffer per layer
   (no concatenation), positions and masks are computed once per observation;
 * one torch.compile'd function per layer kind (SigLIP, Gemma prefix, expert), reused by every layer
-  (small compile, cached on disk by inductor for the next process), and on CUDA one graph per stage
-  (vision, prefix, whole denoise loop) replayed per call.
+  (small compile, cached on disk by inductor for the next process), and on CUDA one graph for the whole
+  sample, replayed per call (and one per stage: vision, prefix, whole denoise loop, for `encode` /
+  `denoise` and the benchmark's stage times).
 
 Shapes are static per (batch size, camera slots present, prompt bucket): the prompt is padded to the
 next of PROMPT_BUCKETS tokens and padding is masked, so any prompt reuses a captured graph. The shape
 is read from the masks on the host: masks passed as host tensors (or numpy arrays, as the policy has
-them before upload) make a call one copy of the inputs plus graph replays, with no device sync before
+them before upload) make a call one copy of the inputs plus one graph replay, with no device sync before
 the actions come back; masks on the device are copied to the host first (a sync).
 
 `expert_kernels="triton"` runs the expert layers of the denoise loop through fused Triton kernels
