@@ -312,11 +312,11 @@ class ExpertStep:
         att_bq, att_bs = (et.INTERPRETER_BLOCKS["BLOCK_M"], 32) if et.INTERPRET else (et.ATTN_BLOCK_Q, et.ATTN_BLOCK_S)
         nq, nsplit = triton.cdiv(t * heads, att_bq), triton.cdiv(keys, att_bs)
         # workspace: the largest split-K partials of a stage, or the attention's per-split statistics
-        floats, tiles = nsplit * m * heads * (hd + 2), b * nq
+        floats, tiles = et.attention_workspace(nsplit, m * heads, hd), b * nq
         for name, (n, k) in {"Q": ((heads + 2) * hd, width), "O": (width, heads * hd), "G": (2 * mlp, width),
                              "D": (width, mlp)}.items():
             split = triton.cdiv(k, blocks[f"{name}_BK"])
-            floats = max(floats, split * (BLOCK_M * n + BLOCK_M + n))
+            floats = max(floats, et.product_workspace(split, BLOCK_M, n))
             tiles = max(tiles, triton.cdiv(n, blocks[f"{name}_BN"]))
         nbar = depth * STAGES
         ws, cnt = self.scratch.get(dev, floats, tiles + nbar + 1)

@@ -600,12 +600,24 @@ use_pdl = True  # False: plain launches (for A/B timing: scripts/gpu/expert_step
 _PDL_BROKEN: list[str] = []  # the error of a first failed PDL launch; later launches go without PDL
 
 
+def product_workspace(split: int, m_pad: int, n: int) -> int:
+    """Floats of a split-K product's workspace as `_product` lays it out: [split, m_pad, n] partial sums,
+    [split, m_pad] sums of squares, [split, n] shift @ w^T."""
+    return split * (m_pad * n + m_pad + n)
+
+
+def attention_workspace(nsplit: int, rows: int, hd: int) -> int:
+    """Floats of the split-key attention's workspace as `_attention_tile` lays it out: [nsplit, rows] maxima,
+    [nsplit, rows] sums, [nsplit, rows, hd] values."""
+    return nsplit * rows * (hd + 2)
+
+
 def _product_scratch(scratch: Scratch, device, m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Room for the largest split any configuration makes of an (m, n, k) product."""
     if m > SPLIT_ROWS:
         return scratch.get(device, 1, 1)
     split, m_pad = triton.cdiv(k, SLICE_K), triton.cdiv(SPLIT_ROWS, SPLIT_BLOCK_M) * SPLIT_BLOCK_M  # rows as padded
-    return scratch.get(device, split * (m_pad * n + m_pad + n), n)  # tiles <= n column blocks of >= 1
+    return scratch.get(device, product_workspace(split, m_pad, n), n)  # tiles <= n column blocks of >= 1
 
 
 def _with_pdl(device, launch) -> None:
@@ -712,7 +724,7 @@ def attention(q, k_cache, v_cache, bias, out, own: tuple[int, int] | None = None
         raise ValueError(f"attention needs a (B, 1, S) fp32 bias and a power-of-two head_dim, got {tuple(bias.shape)}, {hd}")
     r, nsplit, qblocks = b * rb, triton.cdiv(s, ATTN_BLOCK_S), triton.cdiv(rb, ATTN_BLOCK_Q)
     own_start, own_end = own if own is not None else (0, s)
-    ws, cnt = (scratch or DEFAULT_SCRATCH).get(q.device, nsplit * r * (hd + 2), qblocks * b)
+    ws, cnt = (scratch or DEFAULT_SCRATCH).get(q.device, attention_workspace(nsplit, r, hd), qblocks * b)
     ieee = q.dtype == torch.float32 or INTERPRET
     _with_pdl(q.device, lambda pdl: _attention_kernel[(qblocks, nsplit, b)](
         q, k_cache, v_cache, bias, out, ws, cnt, rb, s, r, own_start, own_end, hd ** -0.5,
