@@ -16,7 +16,8 @@ def test_rates_come_from_this_run_and_a_used_folder_is_refused(tmp_path):
     result = bench(cfg, tmp_path)
     assert result["episodes"] == 2 and result["errors"] == 0 and result["num_envs"] == 2
     assert result["phases"]["env_steps"] == 30 and result["serial"]["episodes"] == 1
-    assert result["env_steps_per_s"] == pytest.approx(30 / result["loop_s"], rel=0.01)
+    # the rate is rounded to one decimal: on a slow machine (a few steps a second) that is more than 1 %
+    assert result["env_steps_per_s"] == pytest.approx(30 / result["loop_s"], abs=0.05 + 1e-9)
     assert result["speedup_vs_serial"] > 0
     assert json.loads((tmp_path / RESULT_FILE).read_text())["episodes"] == 2
     before = (tmp_path / "main" / "results.jsonl").read_text()
