@@ -36,6 +36,11 @@ STEP_CONFIGS = {  # alternatives to the step kernel's defaults (expert_step.WIDT
     "q|k|v tiles of 32 columns": {"WIDTHS": {"Q": 32, "O": 32, "G": 32, "D": 32}},
     "GEGLU K slices of 512": {"MAX_BK": {"Q": 256, "G": 512, "O": 1024, "D": 1024}},
 }
+ATTN_CONFIGS = {  # alternatives to the attention kernel's (ATTN_BLOCK_Q, ATTN_BLOCK_S, ATTN_WARPS) = (16, 64, 8)
+    "attention 16 x 128 keys": {"ATTN_BLOCK_Q": 16, "ATTN_BLOCK_S": 128, "ATTN_WARPS": 8},
+    "attention 16 x 32 keys, 4 warps": {"ATTN_BLOCK_Q": 16, "ATTN_BLOCK_S": 32, "ATTN_WARPS": 4},
+    "attention 32 x 64 keys": {"ATTN_BLOCK_Q": 32, "ATTN_BLOCK_S": 64, "ATTN_WARPS": 8},
+}
 BANDWIDTH = 4.3e12  # bytes/s: a device-to-device copy on these H200s (KINDS.md)
 
 
@@ -73,7 +78,7 @@ def load_module(path: str, name: str):
     return mod
 
 
-def variants(p, old_path: str | None, step_configs: bool = False):
+def variants(p, old_path: str | None, step_configs: bool = False, attn_configs: bool = False):
     cfg = p["cfg"]
     heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     compiled_attn = torch.compile(functools.partial(attention_fn, heads=heads, impl="matmul"), fullgraph=True, dynamic=False)
@@ -82,7 +87,7 @@ def variants(p, old_path: str | None, step_configs: bool = False):
     out = {"inductor (compile backend)": lambda x: inductor(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"],
                                                           p["weights"])}
 
-    def kernels(module, attention, pdl=True, persistent=False, step_config=None, sleep=True):
+    def kernels(module, attention, pdl=True, persistent=False, step_config=None, sleep=True, attn_config=None):
         fused = (es.StepKernels if persistent else module.ExpertKernels)(heads, eps, attention)
         if persistent:
             fused.step.sleep_between_polls = sleep
@@ -90,14 +95,16 @@ def variants(p, old_path: str | None, step_configs: bool = False):
         def run(x):
             if hasattr(module, "use_pdl"):
                 module.use_pdl = pdl
-            saved = {k: getattr(es, k) for k in (step_config or {})}
-            for k, v in (step_config or {}).items():  # the step kernel's launch reads these at call time
-                setattr(es, k, v)
+            # the launchers read these module constants at call time
+            patches = [(es, k, v) for k, v in (step_config or {}).items()] + [(module, k, v) for k, v in (attn_config or {}).items()]
+            saved = [(mod, k, getattr(mod, k)) for mod, k, _ in patches]
+            for mod, k, v in patches:
+                setattr(mod, k, v)
             try:
                 return fused.stack(x, p["mods"], p["cos"], p["sin"], p["bias"], p["ks"], p["vs"], p["weights"], p["prefix_len"])
             finally:
-                for k, v in saved.items():
-                    setattr(es, k, v)
+                for mod, k, v in saved:
+                    setattr(mod, k, v)
         run.status = fused.status
         return run
 
@@ -108,6 +115,8 @@ def variants(p, old_path: str | None, step_configs: bool = False):
     out["triton, triton attention, PDL"] = kernels(et, None, True)
     out["triton, triton attention, no PDL"] = kernels(et, None, False)
     out["triton, compiled attention, PDL"] = kernels(et, compiled_attn, True)
+    for label, config in (ATTN_CONFIGS if attn_configs else {}).items():
+        out[f"triton, {label}, PDL"] = kernels(et, None, True, attn_config=config)
     if old_path:
         old = load_module(old_path, "expert_triton_old")
         out["old triton, compiled attention"] = kernels(old, compiled_attn)
@@ -191,11 +200,12 @@ def main(argv=None) -> int:
     ap.add_argument("--old", help="an older expert_triton.py to time in the same process")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--step-configs", action="store_true", help="also time the step kernel's STEP_CONFIGS alternatives")
+    ap.add_argument("--attn-configs", action="store_true", help="also time the attention kernel's ATTN_CONFIGS alternatives")
     args = ap.parse_args(argv)
     p = make_problem(args.rows)
     floor_us = p["weight_bytes"] / BANDWIDTH * 1e6
     results, ref, profiled = [], None, None
-    for name, fn in variants(p, args.old, args.step_configs).items():
+    for name, fn in variants(p, args.old, args.step_configs, args.attn_configs).items():
         try:
             us, g, y = time_graph(fn, p["x"])
         except Exception as exc:  # one broken variant must not lose the others' numbers
@@ -208,8 +218,10 @@ def main(argv=None) -> int:
         row = {"variant": name, "us_per_step": round(us, 1), "us_per_layer": round(us / p["cfg"].depth, 2),
                "x_floor": round(us / floor_us, 2), "max_abs_diff_vs_inductor": float(d.max()),
                "mean_abs_diff_vs_inductor": float(d.mean()), "kernels": dict(getattr(fn, "status", {}))}
-        if name.startswith("triton") and profiled is None:
-            row["profile"] = profiled = profile_graph(g)
+        if name.startswith("triton"):  # with PDL a kernel's device time includes its wait; without, it is its own
+            row["profile"] = profile_graph(g)
+            profiled = profiled or {}
+            profiled[name] = row["profile"]
         results.append(row)
         print(f"{name:40s} {us:8.1f} us/step {us / p['cfg'].depth:6.2f} us/layer {us / floor_us:5.2f}x floor  "
               f"max|d| {float(d.max()):.2e} mean|d| {float(d.mean()):.2e}", flush=True)
@@ -225,10 +237,14 @@ def main(argv=None) -> int:
                   f"median {r['median_us']:6.2f}, last {r['last_us']:6.2f} us")
     except Exception as exc:
         print(f"step trace FAILED {type(exc).__name__}: {str(exc)[:300]}")
-    if profiled:
-        print("\nkernels of the first triton variant (device us per step):")
-        for r in profiled:
+    for name, prof in (profiled or {}).items():
+        print(f"\nkernels of {name} (device us per step):")
+        for r in prof:
             print(f"  {r['us_per_step']:8.2f} us  x{r['launches_per_step']:<3d} {r['kernel']}")
+    # the block shapes autotune chose per (M, N, K): which split each product ran with
+    summary["tuned"] = {getattr(fn, "__name__", str(fn)): {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+                        for fn, tuned in et._TUNED.items()}
+    print("\nautotuned block shapes:", json.dumps(summary["tuned"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))
     return 0
