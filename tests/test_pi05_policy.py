@@ -178,6 +178,39 @@ def test_a_truncated_checkpoint_names_its_file(tiny_checkpoint, spm_tokenizer, t
     assert a["sha256"] == b["sha256"] and a["format"] == "pytorch" and len(a["sha256"]) == 64
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["read-whole", "sampled"])
+def test_checkpoint_identity_tells_weights_of_one_layout_apart(tiny_checkpoint, golden_dir, tmp_path, monkeypatch, sampled):
+    """Two fine-tunes of one model share every name, shape and offset: the identity (on every result line,
+    in the config hash a resumed run is checked against) must still differ; a copy elsewhere must not."""
+    from safetensors.torch import load_file, save_file
+
+    from policy.pi05 import checkpoints
+    from policy.pi05.jax_checkpoint import JaxCheckpoint, write_jax_checkpoint
+
+    if sampled:  # the sampled path of a multi-gigabyte file, on the tiny one
+        monkeypatch.setattr(checkpoints, "IDENTITY_SAMPLES", 64)
+        monkeypatch.setattr(checkpoints, "IDENTITY_WINDOW", 32)
+    identity = checkpoints.checkpoint_identity
+    copy, tuned = tmp_path / "copy", tmp_path / "tuned"
+    shutil.copytree(tiny_checkpoint, copy)
+    shutil.copytree(tiny_checkpoint, tuned)
+    tensors = load_file(tuned / "model.safetensors")
+    name = max(tensors, key=lambda k: tensors[k].numel())  # the largest matrix, nudged: a fine-tune's kind of change
+    tensors[name] = tensors[name] + 1e-3
+    header = checkpoints._safetensors_header(tuned / "model.safetensors")
+    save_file(tensors, tuned / "model.safetensors", metadata=json.loads(header).get("__metadata__"))
+    assert checkpoints._safetensors_header(tuned / "model.safetensors") == header  # one layout
+    assert identity(copy)["sha256"] == identity(tiny_checkpoint)["sha256"]
+    assert identity(tuned)["sha256"] != identity(tiny_checkpoint)["sha256"]
+    src = JaxCheckpoint(golden_dir / "tiny_openpi_jax_pure")
+    write_jax_checkpoint(tmp_path / "jax_a", ((p, src.read(p)) for p in src.names))
+    write_jax_checkpoint(tmp_path / "jax_b", ((p, src.read(p) * (1.001 if "einsum" in p else 1.0)) for p in src.names))
+    a, b = identity(tmp_path / "jax_a"), identity(tmp_path / "jax_b")
+    assert (tmp_path / "jax_a" / "params" / "_METADATA").read_bytes() == (tmp_path / "jax_b" / "params" / "_METADATA").read_bytes()
+    assert a["format"] == "jax" and a["sha256"] != b["sha256"]
+    assert identity(golden_dir / "tiny_openpi_jax_pure")["sha256"] == identity(golden_dir / "tiny_openpi_jax_pure")["sha256"]
+
+
 def test_raw_image_orientation_rotates_frames_back_before_the_model(tiny_checkpoint, spm_tokenizer):
     upright = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=1, device="cpu", dtype="float32", config="tiny")
     raw = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=1, device="cpu", dtype="float32", config="tiny",

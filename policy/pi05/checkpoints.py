@@ -9,7 +9,9 @@ tells their format apart, checks them and hands the tensors over.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -127,19 +129,72 @@ def _safetensors_header(file: Path) -> bytes:
     return header
 
 
+IDENTITY_SAMPLES = 1024  # windows read from the weight bytes (16 MiB in all): see checkpoint_identity
+IDENTITY_WINDOW = 16 * 2**10
+
+
+def _weight_files(p: Path, fmt: str) -> list[Path]:
+    if fmt == "jax":
+        return sorted(f for f in (p / "params").rglob("*") if f.is_file())
+    return [p / "model.safetensors" if p.is_dir() else p]
+
+
+def content_digest(files: list[Path], root: Path) -> str:
+    """sha256 over each file's name (relative to root) and size, and IDENTITY_SAMPLES windows of
+    IDENTITY_WINDOW bytes spread evenly over all their bytes taken as one stream (a file smaller than
+    all the windows together is read whole). The windows are 1/IDENTITY_SAMPLES of the bytes apart, so a
+    change to any contiguous run longer than that (a fine-tune changes far more) gives another digest, at
+    the cost of 16 MiB of reads rather than the checkpoint's gigabytes."""
+    h = hashlib.sha256()
+    sizes = [f.stat().st_size for f in files]
+    for f, n in zip(files, sizes):
+        h.update(f"{f.relative_to(root)}\0{n}\n".encode())
+    total = sum(sizes)
+    if total <= IDENTITY_SAMPLES * IDENTITY_WINDOW:
+        starts = range(0, total, IDENTITY_WINDOW)  # everything
+    else:
+        starts = [(total - IDENTITY_WINDOW) * i // (IDENTITY_SAMPLES - 1) for i in range(IDENTITY_SAMPLES)]
+    offsets = list(itertools.accumulate(sizes, initial=0))  # file i holds stream bytes [offsets[i], offsets[i + 1])
+    current, f = -1, None  # the windows ascend: one file open at a time
+    try:
+        for start in starts:  # a window may span the end of one file and the start of the next
+            pos, left = start, min(IDENTITY_WINDOW, total - start)
+            while left > 0:
+                i = bisect.bisect_right(offsets, pos) - 1
+                if i != current:
+                    if f is not None:
+                        f.close()
+                    current, f = i, open(files[i], "rb")
+                f.seek(pos - offsets[i])
+                chunk = f.read(min(left, offsets[i + 1] - pos))
+                if not chunk:
+                    raise ValueError(f"{files[i]} changed size while it was read: re-run when it is complete")
+                h.update(chunk)
+                pos, left = pos + len(chunk), left - len(chunk)
+    finally:
+        if f is not None:
+            f.close()
+    return h.hexdigest()
+
+
 def checkpoint_identity(path: str | os.PathLike | None) -> dict[str, str] | None:
-    """What identifies a checkpoint's weights without hashing gigabytes: the sha256 of the
-    safetensors header (every key, dtype, shape and byte offset) or of the JAX `_METADATA`, with the
-    path and format. None for random weights; `path=None` is the default search's checkpoint."""
+    """What identifies a checkpoint's weights, with its path and format: the sha256 of its layout (the
+    safetensors header, or the JAX `_METADATA`) and of its bytes, sampled (`content_digest`): two
+    checkpoints of one size (two fine-tunes of pi05_libero) share a layout, so the layout alone does not
+    tell them apart. None for random weights; `path=None` is the default search's checkpoint."""
     if path is not None and str(path) == "random":
         return None
     p = resolve_checkpoint(path)
     fmt = checkpoint_format(p)
+    files = _weight_files(p, fmt)
     if fmt == "jax":
-        digest = hashlib.sha256((p / "params" / "_METADATA").read_bytes()).hexdigest()
+        layout = (p / "params" / "_METADATA").read_bytes()
     else:
-        digest = hashlib.sha256(_safetensors_header(p / "model.safetensors" if p.is_dir() else p)).hexdigest()
-    return {"path": str(p.resolve()), "format": fmt, "sha256": digest}
+        layout = _safetensors_header(files[0])
+    root = p if p.is_dir() else p.parent
+    h = hashlib.sha256(layout)
+    h.update(content_digest(files, root).encode())
+    return {"path": str(p.resolve()), "format": fmt, "sha256": h.hexdigest()}
 
 
 def _load_safetensors(file: Path, cfg: Pi05Config, device, dtype) -> Pi05Model:
