@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from policy.backends import make_sampler
+from policy.backends import check_options, make_sampler
 from policy.pi05.examples import example_inputs
 from policy.pi05.weights import random_model
 
@@ -56,12 +56,25 @@ def time_fn(fn, iters: int, warmup: int = 3) -> np.ndarray:
 
 
 def parse_backend(spec: str) -> tuple[str, str, dict]:
-    """"compile" or "compile:attention=sdpa/compile_mode=max-autotune" -> (label, name, options)."""
+    """"compile" or "compile:attention=sdpa/compile_mode=max-autotune" -> (label, name, options), the options
+    checked against the backend's (policy.backends.check_options: a typo is an error, "0" a False) and
+    `rtc` (time real-time chunking's guided sampling) read as a bool."""
     name, _, opts = spec.partition(":")
+    if not name:
+        raise ValueError(f"backend spec {spec!r} names no backend: NAME[:KEY=VALUE/KEY=VALUE...]")
     options = {}
     for item in filter(None, opts.split("/")):
-        key, _, value = item.partition("=")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+        key, eq, value = item.partition("=")
+        if not (key and eq):
+            raise ValueError(f"backend spec {spec!r}: {item!r} is not KEY=VALUE")
+        options[key] = value
+    rtc = options.pop("rtc", None)
+    options = check_options(name, options)
+    if rtc is not None:
+        low = rtc.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"backend spec {spec!r}: rtc={rtc!r} is not a bool")
+        options["rtc"] = low in ("1", "true", "yes", "on")
     return spec, name, options
 
 
@@ -117,7 +130,9 @@ def warmup_check(spec: str, batch: int, steps: int, prompt_tokens: int) -> dict:
         for _ in range(2):
             out = subprocess.run([sys.executable, "-m", "policy.bench", "--warmup-only", "--backends", spec,
                                   "--batch", str(batch), "--steps", str(steps), "--prompt-tokens", str(prompt_tokens)],
-                                 env=env, capture_output=True, text=True, check=True)
+                                 env=env, capture_output=True, text=True)
+            if out.returncode != 0:  # the child's own error, not just its exit status
+                raise RuntimeError(f"warm-up of {spec} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             times.append(float(out.stdout.strip().splitlines()[-1]))
     return {"backend": spec, "batch": batch, "steps": steps, "first_process_s": times[0], "second_process_s": times[1]}
 
@@ -179,7 +194,11 @@ def bench(backends, batches, steps_list, prompt_tokens, iters, config="pi05_libe
         reference = {}
         for steps in steps_list:
             for spec in backends:
-                label, name, options = parse_backend(spec)
+                try:
+                    label, name, options = parse_backend(spec)
+                except ValueError as exc:  # a bad spec is that row's error (main checks them all before any work)
+                    rows.append({"backend": spec, "batch": batch, "steps": steps, "error": f"ValueError: {exc}"})
+                    continue
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -265,6 +284,11 @@ def main(argv=None):
                    help="warm-up of a new process with a cold, then a warm compile cache (each backend)")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for spec in args.backends.split(","):  # a typo fails now, not after minutes of other backends' compiling
+        try:
+            parse_backend(spec)
+        except ValueError as exc:
+            p.error(str(exc))
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731

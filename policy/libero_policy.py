@@ -2,7 +2,7 @@
 
 openpi: policies/policy.py (Policy.infer), policy_config.create_trained_policy (norm stats from the
 checkpoint's assets, tokenizer, transforms). Everything that can be missing (backend name,
-checkpoint, tokenizer, norm stats) is checked before the weights are read.
+checkpoint, tokenizer, norm stats, steps, dtype, the backend's options) is checked before the weights are read.
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from policy.backends import get_backend
+from policy.backends import check_options, get_backend
 from policy.backends.rtc import Guide, prefix_weights
 from policy.base import batch_size
 from policy.pi05.checkpoints import checkpoint_identity, is_lerobot_checkpoint, load_model, resolve_checkpoint
 from policy.pi05.config import get_config
 from policy.pi05.tokenizer import PaligemmaTokenizer, default_tokenizer_path
-from policy.pi05.transforms import LIBERO_ACTION_DIM, NormStats, find_norm_stats, to_libero_actions, to_model_images
+from policy.pi05.transforms import LIBERO_ACTION_DIM, LIBERO_STATE_DIM, NormStats, find_norm_stats, to_libero_actions, to_model_images
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 IMAGE_ORIENTATIONS = ("upright", "raw")
+DTYPES = ("bfloat16", "float32", "float16")
 PREPARE_PROMPT = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 LEROBOT_HELP = (
     "{path} is a lerobot conversion (model.-prefixed keys or lerobot processor files). Its weights load, but the "
@@ -68,9 +69,14 @@ class Pi05Policy:
                  seed: int = 0, images: str = "upright", rtc_beta: float = 5.0,
                  backend_options: dict[str, Any] | None = None):
         sampler_cls = get_backend(backend)
+        backend_options = check_options(backend, backend_options)
         cfg = get_config(config)
         if images not in IMAGE_ORIENTATIONS:
             raise ValueError(f"images must be one of {', '.join(IMAGE_ORIENTATIONS)}, got {images!r}")
+        if str(dtype).removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps (steps=) must be a whole number of denoising steps >= 1, got {num_steps!r}")
         random_weights = checkpoint == "random"
         ckpt = None if random_weights else resolve_checkpoint(checkpoint)
         if ckpt is not None and norm_stats is None and is_lerobot_checkpoint(ckpt):
@@ -87,6 +93,9 @@ class Pi05Policy:
         else:
             ckpt_dir = ckpt if ckpt.is_dir() else ckpt.parent
             self.norm_stats = NormStats.load(find_norm_stats(ckpt_dir, asset_id))
+        if cfg.discrete_state_input:  # the state goes into the prompt, normalized: its statistics must be there
+            named = f"config {config!r}" if isinstance(config, str) else "this config (discrete_state_input)"
+            self.norm_stats.require("state", LIBERO_STATE_DIM, f"{named} puts the robot state in the prompt")
         weights = checkpoint_identity(ckpt) if ckpt is not None else None
         # What decides this policy's actions, for a remote client's config hash (runners/serve.py sends it):
         # the weights' content (not their path), sampling and preprocessing settings, the noise seed.
@@ -150,7 +159,7 @@ class Pi05Policy:
         for b in sizes:
             t0 = time.perf_counter()
             self.infer({"image": np.zeros((b, size, size, 3), np.uint8), "wrist_image": np.zeros((b, size, size, 3), np.uint8),
-                        "state": np.zeros((b, 8), np.float32), "prompt": [PREPARE_PROMPT] * b})
+                        "state": np.zeros((b, LIBERO_STATE_DIM), np.float32), "prompt": [PREPARE_PROMPT] * b})
             timings[b] = time.perf_counter() - t0
         self._generator.set_state(state)  # warm-up draws no noise the evaluation would see
         return timings

@@ -240,9 +240,9 @@ def test_bench_rows_report_accuracy_kernel_checks_and_errors_and_go_on():
     assert eager["mean_abs_diff_vs_eager"] == 0 and {"vision_p50_ms", "prefix_p50_ms", "denoise_p50_ms"} <= set(eager)
     assert fused["mean_abs_diff_vs_eager"] < 1e-2 and "error" not in fused
     assert sorted(fused["kernels"]) == ["down_residual@10", "geglu@10", "o_residual@10", "qkv_rope@10"]
-    assert "no_such_option" in bad["error"]
+    assert "has no option 'no_such_option'" in bad["error"]
     text = bench.table(rows, "cpu")
-    assert "error: TypeError" in text and "geglu@10: ok" in text
+    assert "error: ValueError" in text and "geglu@10: ok" in text
 
     def broken(*args, **kw):
         raise RuntimeError("ptxas died")
@@ -253,6 +253,34 @@ def test_bench_rows_report_accuracy_kernel_checks_and_errors_and_go_on():
     finally:
         et.KERNELS["geglu"] = saved
     assert "fell back" in row["error"] and row["kernels"]["geglu@10"].startswith("fallback: RuntimeError: ptxas died")
+
+
+def test_backend_options_are_checked_by_name_and_read_as_their_types(capsys):
+    """A typo in an option must fail before any weights are read or any backend compiled, and a bench spec's
+    strings must not turn a bool on ("0" is a non-empty string): cuda_graphs=0 measured graphs before."""
+    from policy import bench
+    from policy.backends import backend_options, check_options
+
+    assert {"expert_kernels", "torch_compile", "cuda_graphs"} <= set(backend_options("fp8"))  # compile's, through **options
+    assert "precision" in backend_options("tensorrt") and backend_options("eager") == {}
+    assert check_options("compile", {"cuda_graphs": "0", "torch_compile": "no", "expert_kernel_rows": "20",
+                                     "compile_mode": "none", "expert_kernels": "triton"}) == {
+        "cuda_graphs": False, "torch_compile": False, "expert_kernel_rows": 20, "compile_mode": None, "expert_kernels": "triton"}
+    assert check_options("compile", {"torch_compile": True}) == {"torch_compile": True}  # typed values (Hydra's) pass
+    with pytest.raises(ValueError, match="no option 'expert_kernel'; did you mean expert_kernels"):
+        check_options("fp8", {"expert_kernel": "triton"})
+    with pytest.raises(ValueError, match="option cuda_graphs='maybe' is not a valid bool"):
+        check_options("compile", {"cuda_graphs": "maybe"})
+    with pytest.raises(ValueError, match="expert_kernel_rows='ten' is not a valid int"):
+        check_options("compile", {"expert_kernel_rows": "ten"})
+    assert bench.parse_backend("compile:cuda_graphs=0/rtc=0")[2] == {"cuda_graphs": False, "rtc": False}
+    for spec, why in (("compile:expert_kernels", "is not KEY=VALUE"), (":x=1", "names no backend"),
+                      ("eager:rtc=maybe", "rtc='maybe' is not a bool"), ("eager:steps=3", "has no option 'steps'")):
+        with pytest.raises(ValueError, match=why):
+            bench.parse_backend(spec)
+    with pytest.raises(SystemExit):  # the command refuses before it looks for a GPU or builds a model
+        bench.main(["--backends", "eager,compile:whole_stp=false"])
+    assert "no option 'whole_stp'; did you mean whole_step" in capsys.readouterr().err
 
 
 def test_bench_times_real_time_chunking_against_plain_sampling():

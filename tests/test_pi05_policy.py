@@ -72,6 +72,56 @@ def test_quantile_unnormalization_of_the_first_seven_dims(golden_dir):
     np.testing.assert_allclose(stats.normalize("actions", out), x[..., :7], atol=1e-5)
 
 
+BAD_NORM_STATS = {  # what a hand-written or half-copied norm_stats.json can hold, and the error that names it
+    "short actions": ({"actions": {"q01": [-1] * 5, "q99": [1] * 5}}, "'actions' statistics cover 5 dims, 7 are needed"),
+    "lengths differ": ({"actions": {"q01": [-1] * 5, "q99": [1] * 7}}, "lists of one length, got shapes \\[5\\] and \\[7\\]"),
+    "NaN": ({"actions": {"q01": [-1] * 6 + [float("nan")], "q99": [1] * 7}}, "NaN or infinite"),
+    "scalar": ({"actions": {"q01": -1, "q99": 1}}, "lists of one length"),
+    "nested": ({"actions": {"q01": [[-1] * 7], "q99": [[1] * 7]}}, "lists of one length"),
+    "words": ({"actions": {"q01": ["a"] * 7, "q99": [1] * 7}}, "not lists of numbers"),
+    "swapped": ({"actions": {"q01": [1] * 7, "q99": [-1] * 7}}, "q01 > q99 in dims \\[0, 1, 2, 3, 4, 5, 6\\]"),
+    "a list": ([1, 2], "'norm_stats' is a list"),
+    "stats a list": ({"actions": [1, 2]}, "'actions' has no q01/q99"),
+    "no actions": ({"state": {"q01": [-1] * 8, "q99": [1] * 8}}, "no 'actions' statistics"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_NORM_STATS)
+def test_bad_norm_stats_are_refused_when_loaded_naming_the_file(tmp_path, name):
+    """Short action quantiles used to leave the rotation and gripper dims normalized without a word, and
+    NaN or misshapen ones to fail (or give NaN actions) at the first call, behind a server as 'policy error'."""
+    data, why = BAD_NORM_STATS[name]
+    path = tmp_path / "norm_stats.json"
+    path.write_text(json.dumps({"norm_stats": data}))
+    with pytest.raises(ValueError, match=why) as info:
+        NormStats.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_settings_are_checked_before_the_weights_are_read(tiny_checkpoint, spm_tokenizer, tmp_path, monkeypatch):
+    """A real checkpoint takes minutes to read: a typo in steps, dtype or a backend option, or norm stats
+    without the state a config puts in its prompt, must fail first."""
+    import policy.libero_policy as lp
+    from policy.pi05.config import get_config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were read before the settings were checked")
+
+    monkeypatch.setattr(lp, "load_model", no_loading)
+    for kwargs, why in (({"num_steps": 0}, "num_steps .* >= 1, got 0"), ({"num_steps": "3"}, "got '3'"),
+                        ({"num_steps": True}, "got True"), ({"dtype": "fp16"}, "dtype must be one of .*got 'fp16'"),
+                        ({"dtype": "int8"}, "got 'int8'"),
+                        ({"backend_options": {"expert_kernel": "triton"}, "backend": "compile"}, "did you mean expert_kernels"),
+                        ({"backend_options": {"emulate": True}, "backend": "eager"}, "backend 'eager' has no option 'emulate'")):
+        with pytest.raises(ValueError, match=why):
+            Pi05Policy(tiny_checkpoint, spm_tokenizer, config="tiny", **kwargs)
+    stats = tmp_path / "actions_only.json"
+    stats.write_text(json.dumps({"norm_stats": {"actions": {"q01": [-1] * 7, "q99": [1] * 7}}}))
+    discrete = get_config("tiny").replace(discrete_state_input=True)  # as pi05_base
+    with pytest.raises(ValueError, match=f"{stats} has no 'state' statistics .*puts the robot state in the prompt"):
+        Pi05Policy(tiny_checkpoint, spm_tokenizer, config=discrete, norm_stats=stats)
+
+
 def test_several_norm_stats_need_a_choice(tmp_path, golden_dir):
     src = golden_dir / "tiny_openpi_jax/assets/physical-intelligence/libero/norm_stats.json"
     for asset in ("a/one", "b/two"):

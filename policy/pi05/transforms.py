@@ -20,6 +20,7 @@ import numpy as np
 from openpi_client.image_tools import resize_with_pad
 
 LIBERO_ACTION_DIM = 7
+LIBERO_STATE_DIM = 8  # eef position (3), axis-angle (3), gripper joints (2)
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,45 @@ class NormStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "NormStats":
+        """Read and check openpi's norm_stats.json: every key's q01/q99 finite 1-D lists of one length with
+        q01 <= q99, and 'actions' covering LIBERO's 7 action dims (fewer would leave the rest, the
+        rotation and the gripper, in the model's normalized [-1, 1] space without a word)."""
         path = Path(path)
+        bad = f"{path} is not a valid openpi norm_stats.json ({{'norm_stats': {{KEY: {{'q01': [...], 'q99': [...]}}}}}})"
         try:
             data = json.loads(path.read_text())["norm_stats"]
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not an openpi norm_stats.json ({{'norm_stats': {{...}}}}): {exc}") from exc
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{bad}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{bad}: 'norm_stats' is a {type(data).__name__}")
         q01, q99 = {}, {}
         for key, stats in data.items():
-            if stats.get("q01") is None or stats.get("q99") is None:
+            if not isinstance(stats, dict) or stats.get("q01") is None or stats.get("q99") is None:
                 raise ValueError(f"{path}: '{key}' has no q01/q99 quantiles, which Pi0.5 normalization needs")
-            q01[key] = np.asarray(stats["q01"], dtype=np.float32)
-            q99[key] = np.asarray(stats["q99"], dtype=np.float32)
-        if "actions" not in q01:
-            raise ValueError(f"{path} has no 'actions' statistics")
-        return cls(q01, q99, str(path))
+            try:
+                lo, hi = (np.asarray(stats[q], dtype=np.float32) for q in ("q01", "q99"))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: '{key}' quantiles are not lists of numbers ({exc})") from None
+            if lo.ndim != 1 or lo.shape != hi.shape or not len(lo):
+                raise ValueError(f"{path}: '{key}' q01 and q99 must be lists of one length, got shapes "
+                                 f"{list(lo.shape)} and {list(hi.shape)}")
+            if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+                raise ValueError(f"{path}: '{key}' quantiles hold NaN or infinite values")
+            if (lo > hi).any():
+                raise ValueError(f"{path}: '{key}' has q01 > q99 in dims {np.flatnonzero(lo > hi).tolist()}")
+            q01[key], q99[key] = lo, hi
+        stats = cls(q01, q99, str(path))
+        stats.require("actions", LIBERO_ACTION_DIM, "LIBERO's actions are unnormalized with them")
+        return stats
+
+    def require(self, key: str, dims: int, why: str) -> None:
+        """A ValueError naming the file unless `key`'s statistics cover at least `dims` dims."""
+        if key not in self.q01:
+            raise ValueError(f"{self.source or 'the norm stats'} has no '{key}' statistics ({why}): pass norm "
+                             f"stats that have them with policy.norm_stats=PATH")
+        if len(self.q01[key]) < dims:
+            raise ValueError(f"{self.source or 'the norm stats'}: '{key}' statistics cover {len(self.q01[key])} dims, "
+                             f"{dims} are needed ({why})")
 
     @classmethod
     def identity(cls, dim: int = LIBERO_ACTION_DIM) -> "NormStats":
