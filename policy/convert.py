@@ -44,6 +44,8 @@ def convert(src: str | Path, dst: str | Path, config: str = "pi05_libero", dtype
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if dtype not in ("source", *_OUT_DTYPES):
         raise ValueError(f"dtype must be source, float32 or bfloat16, got {dtype!r}")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"DST is SRC ({src}): write the PyTorch copy to another directory")
     cfg = get_config(config)
     ckpt = JaxCheckpoint(src)
     plan = array_plan(cfg)
@@ -74,6 +76,27 @@ def convert(src: str | Path, dst: str | Path, config: str = "pi05_libero", dtype
     out = dst / "model.safetensors"
     tmp = out.with_suffix(".safetensors.partial")
     t0 = time.perf_counter()
+    try:
+        _write(tmp, blob, entries, ckpt, plan, unused_lm_head, log)
+    except BaseException:  # a failed or interrupted read leaves no multi-GiB .partial behind
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    (dst / "config.json").write_text(json.dumps({
+        "action_dim": cfg.action_dim, "action_horizon": cfg.chunk_size, "max_token_len": cfg.max_token_len,
+        "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m", "precision": dtype,
+        "converted_from": str(src),
+    }, indent=2) + "\n")
+    if (src / "assets").is_dir():
+        shutil.copytree(src / "assets", dst / "assets", dirs_exist_ok=True)
+    seconds = time.perf_counter() - t0
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    log(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB) in {seconds:.1f} s; peak RSS {peak_gib:.2f} GiB")
+    return out
+
+
+def _write(tmp: Path, blob: bytes, entries: list, ckpt: JaxCheckpoint, plan, unused_lm_head: bool, log) -> None:
+    """The safetensors file: header, then every tensor in `entries` order, read one array at a time."""
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -91,18 +114,6 @@ def convert(src: str | Path, dst: str | Path, config: str = "pi05_libero", dtype
             block = torch.zeros(min(rows, 4096), cols, dtype=dt).view(torch.uint8).numpy()
             for start in range(0, rows, len(block)):
                 f.write(block[: min(len(block), rows - start)])
-    tmp.replace(out)
-    (dst / "config.json").write_text(json.dumps({
-        "action_dim": cfg.action_dim, "action_horizon": cfg.chunk_size, "max_token_len": cfg.max_token_len,
-        "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m", "precision": dtype,
-        "converted_from": str(src),
-    }, indent=2) + "\n")
-    if (src / "assets").is_dir():
-        shutil.copytree(src / "assets", dst / "assets", dirs_exist_ok=True)
-    seconds = time.perf_counter() - t0
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    log(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB) in {seconds:.1f} s; peak RSS {peak_gib:.2f} GiB")
-    return out
 
 
 def main(argv=None) -> None:

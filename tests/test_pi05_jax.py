@@ -117,6 +117,60 @@ def test_convert_command_reports_errors(tmp_path, capsys):
     assert "not an openpi JAX checkpoint" in str(info.value)
 
 
+BIGGEST_DATA = "params/ocdbt.process_0/d/db0a8b493dbee994973613fed5d74f1f"  # where tiny_openpi_jax keeps most arrays
+
+
+@pytest.mark.parametrize("damage", ["data file missing", "data file cut", "metadata cut", "metadata empty"])
+def test_an_incomplete_or_corrupt_jax_checkpoint_says_recopy(golden_dir, tmp_path, damage):
+    """A half-finished gsutil copy used to end in a tensorstore or JSON traceback naming neither the array
+    nor what to do."""
+    ckpt = _copy(golden_dir, tmp_path)
+    data, meta = ckpt / BIGGEST_DATA, ckpt / "params" / "_METADATA"
+    assert data.stat().st_size > 100_000
+    if damage == "data file missing":
+        data.unlink()
+    elif damage == "data file cut":
+        data.write_bytes(data.read_bytes()[:1000])
+    elif damage == "metadata cut":
+        meta.write_text(meta.read_text()[:500])
+    else:
+        meta.write_text("{}")
+    with pytest.raises(ValueError, match="re-copy") as info:
+        load_model(ckpt, config="tiny")
+    assert str(ckpt / "params") in str(info.value)
+
+
+def test_integer_or_non_finite_arrays_are_refused_by_name(golden_dir, tmp_path):
+    """Integer weights used to be cast to floats and give finite nonsense; NaN weights NaN actions."""
+    src = JaxCheckpoint(golden_dir / JAX_DIRS[1])
+    target = "PaliGemma/llm/layers/mlp/linear"
+    write_jax_checkpoint(tmp_path / "ints", ((p, src.read(p).astype(np.int32) if p == target else src.read(p))
+                                             for p in src.names))
+    with pytest.raises(CheckpointMismatch, match=f"wrong dtype: {target}: checkpoint int32"):
+        load_model(tmp_path / "ints", config="tiny")
+
+    def poisoned(p):
+        a = src.read(p)
+        if p == target:
+            a = a.copy()
+            a.flat[7] = np.nan
+        return a
+
+    write_jax_checkpoint(tmp_path / "nan", ((p, poisoned(p)) for p in src.names))
+    with pytest.raises(CheckpointMismatch, match="NaN or infinite values in 1 tensors: .*mlp"):
+        load_model(tmp_path / "nan", config="tiny")
+
+
+def test_a_failed_conversion_leaves_no_partial_file_and_dst_must_not_be_src(golden_dir, tmp_path):
+    ckpt = _copy(golden_dir, tmp_path)
+    (ckpt / BIGGEST_DATA).write_bytes((ckpt / BIGGEST_DATA).read_bytes()[:1000])  # fails mid-way through the arrays
+    with pytest.raises(ValueError, match="re-copy"):
+        convert(ckpt, tmp_path / "out", config="tiny", log=lambda *a: None)
+    assert list((tmp_path / "out").iterdir()) == []  # no multi-GiB .partial left behind
+    with pytest.raises(ValueError, match="DST is SRC"):
+        convert(golden_dir / JAX_DIRS[0], golden_dir / JAX_DIRS[0], config="tiny", log=lambda *a: None)
+
+
 def test_policy_runs_from_a_jax_checkpoint(golden_dir, spm_tokenizer):
     from policy.libero_policy import Pi05Policy
 

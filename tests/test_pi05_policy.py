@@ -261,6 +261,28 @@ def test_checkpoint_identity_tells_weights_of_one_layout_apart(tiny_checkpoint, 
     assert identity(golden_dir / "tiny_openpi_jax_pure")["sha256"] == identity(golden_dir / "tiny_openpi_jax_pure")["sha256"]
 
 
+def test_non_float_non_finite_or_corrupt_safetensors_are_refused_by_name(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from policy.pi05.checkpoints import load_model
+    from policy.pi05.weights import CheckpointMismatch
+
+    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    save_file({**tensors, name: tensors[name].to(torch.int32)}, tmp_path / "ints.safetensors")
+    with pytest.raises(CheckpointMismatch, match=f"wrong dtype: {name}: checkpoint I32"):
+        load_model(tmp_path / "ints.safetensors", config="tiny")
+    poisoned = tensors[name].clone()
+    poisoned.view(-1)[3] = float("inf")
+    save_file({**tensors, name: poisoned}, tmp_path / "inf.safetensors")
+    with pytest.raises(CheckpointMismatch, match="inf.safetensors holds NaN or infinite values in 1 tensors"):
+        load_model(tmp_path / "inf.safetensors", config="tiny")
+    header = b'[1, 2]'  # valid JSON, not a safetensors header
+    (tmp_path / "list.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        load_model(tmp_path / "list.safetensors", config="tiny")
+
+
 def test_raw_image_orientation_rotates_frames_back_before_the_model(tiny_checkpoint, spm_tokenizer):
     upright = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=1, device="cpu", dtype="float32", config="tiny")
     raw = Pi05Policy(tiny_checkpoint, spm_tokenizer, num_steps=1, device="cpu", dtype="float32", config="tiny",

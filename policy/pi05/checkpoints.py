@@ -122,7 +122,11 @@ def _safetensors_header(file: Path) -> bytes:
         entries = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file} has a corrupt safetensors header ({exc}): re-copy or re-convert it") from None
-    end = max((e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ValueError(f"{file} has a corrupt safetensors header ({type(exc).__name__}: {exc}): re-copy or "
+                         f"re-convert it") from None
     if 8 + n + end > size:
         raise ValueError(f"{file} is truncated: its header describes {8 + n + end} bytes, the file has {size}. "
                          f"Re-copy or re-convert it.")
@@ -206,9 +210,9 @@ def _load_safetensors(file: Path, cfg: Pi05Config, device, dtype) -> Pi05Model:
     with safe_open(str(file), framework="pt") as f:
         mapping = normalize_keys(f.keys())
         found = {mapping[k]: tuple(f.get_slice(k).get_shape()) for k in mapping}
-        check_tensors(expected, found, str(file))
+        check_tensors(expected, found, str(file), {mapping[k]: f.get_slice(k).get_dtype() for k in mapping})
         tensors = {our_name(key): f.get_tensor(k) for k, key in mapping.items()}
-    return load_state(model, tensors, device, dtype)
+    return load_state(model, tensors, device, dtype, str(file))
 
 
 def load_model(path: str | os.PathLike | None = None, config: str | Pi05Config = "pi05_libero",

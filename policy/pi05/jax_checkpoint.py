@@ -156,10 +156,13 @@ class JaxCheckpoint:
         meta_path = self.params / "_METADATA"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.dir} is not an openpi JAX checkpoint: {meta_path} is missing")
-        meta = json.loads(meta_path.read_text())
-        self.zarr_driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-        keys = [tuple(str(k["key"]) for k in entry["key_metadata"]) if "key_metadata" in entry else ast.literal_eval(name)
-                for name, entry in meta["tree_metadata"].items()]
+        try:
+            meta = json.loads(meta_path.read_text())
+            self.zarr_driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+            keys = [tuple(str(k["key"]) for k in entry["key_metadata"]) if "key_metadata" in entry else ast.literal_eval(name)
+                    for name, entry in meta["tree_metadata"].items()]
+        except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path} is corrupt ({type(exc).__name__}: {str(exc)[:200]}): re-copy the checkpoint") from None
         strip_value = bool(keys) and all(k[-1] == "value" for k in keys)
         self.names: dict[str, str] = {}  # openpi path -> stored array name
         for k in keys:
@@ -174,8 +177,19 @@ class JaxCheckpoint:
     def _open(self, path: str):
         import tensorstore as ts
 
-        return ts.open({"driver": self.zarr_driver, "kvstore": self._kvstore, "path": self.names[path]},
-                       read=True).result()
+        try:
+            return ts.open({"driver": self.zarr_driver, "kvstore": self._kvstore, "path": self.names[path]},
+                           read=True).result()
+        except ValueError as exc:  # tensorstore's NOT_FOUND / corrupt data: name the array, say what to do
+            raise ValueError(f"{self.params}: array {path} cannot be opened ({str(exc)[:300]}): the checkpoint is "
+                             f"incomplete or corrupt; re-copy it") from None
+
+    def _result(self, path: str, future) -> np.ndarray:
+        try:
+            return np.asarray(future.result())
+        except ValueError as exc:
+            raise ValueError(f"{self.params}: array {path} cannot be read ({str(exc)[:300]}): the checkpoint is "
+                             f"incomplete or corrupt; re-copy it") from None
 
     def shape(self, path: str) -> tuple[int, ...]:
         return tuple(self._open(path).shape)  # the array's own shape (write_shape is per shard)
@@ -184,7 +198,7 @@ class JaxCheckpoint:
         """The array, or only its `index`-th slice along the first (layer) axis. To read every
         layer, use `layers`: on a one-chunk array each call here decodes the whole chunk."""
         store = self._open(path)
-        return np.asarray((store if index is None else store[index]).read().result())
+        return self._result(path, (store if index is None else store[index]).read())
 
     def layers(self, path: str) -> Iterator[tuple[int, np.ndarray]]:
         """(i, array[i]) for every index of the first (layer) axis, decoding each stored chunk once:
@@ -194,7 +208,7 @@ class JaxCheckpoint:
         n = store.shape[0]
         step = store.chunk_layout.read_chunk.shape[0] or n  # layers per chunk
         for start in range(0, n, step):
-            block = np.asarray(store[start:min(start + step, n)].read().result())  # (layers, ...)
+            block = self._result(path, store[start:min(start + step, n)].read())  # (layers, ...)
             for k in range(block.shape[0]):
                 yield start + k, block[k]
             del block
@@ -210,7 +224,9 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
 def check_arrays(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> None:
     """Every array the plan expects, with its shape, and nothing else (one error listing all problems)."""
     expected = {p.path: p.shape for p in plan}
-    check_tensors(expected, {path: ckpt.shape(path) for path in ckpt.names}, str(ckpt.params))
+    stores = {path: ckpt._open(path) for path in ckpt.names}
+    check_tensors(expected, {path: tuple(st.shape) for path, st in stores.items()}, str(ckpt.params),
+                  {path: st.dtype.numpy_dtype.name for path, st in stores.items()})
 
 
 def iter_parameters(ckpt: JaxCheckpoint, plan: list[ArrayPlan]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -243,7 +259,7 @@ def load_jax_checkpoint(path: str | os.PathLike, cfg: Pi05Config, device="cpu",
     state = {}
     for name, tensor in iter_parameters(ckpt, plan):
         state[name] = tensor.to(device=device, dtype=parameter_dtype(name, dtype))
-    return load_state(model, state, device, dtype)
+    return load_state(model, state, device, dtype, str(ckpt.params))
 
 
 # ----- writing (tests and benchmarks: openpi's on-disk layout, made without JAX) ----------------------

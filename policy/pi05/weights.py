@@ -75,22 +75,32 @@ class CheckpointMismatch(ValueError):
     pass
 
 
-def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
-    """One error listing every missing, unexpected and mis-shaped tensor (openpi key names)."""
+# the weight dtypes a checkpoint may store, as safetensors and numpy name them: floats, which load_state
+# casts to the compute dtype (an integer or FP8 tensor would be cast to nonsense without its scales)
+FLOAT_DTYPES = frozenset({"F32", "BF16", "F16", "float32", "bfloat16", "float16"})
+
+
+def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], source: str,
+                  dtypes: dict[str, str] | None = None) -> None:
+    """One error listing every missing, unexpected, mis-shaped and non-float tensor (openpi key names);
+    `dtypes`: the found tensors' stored dtypes (safetensors or numpy names)."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    if not (missing or extra or shapes):
+    kinds = sorted(k for k, d in (dtypes or {}).items() if k in expected and str(d) not in FLOAT_DTYPES)
+    if not (missing or extra or shapes or kinds):
         return
     lines = [f"{source} does not match the Pi0.5 model ({len(missing)} missing, {len(extra)} unexpected, "
-             f"{len(shapes)} with the wrong shape):"]
+             f"{len(shapes)} with the wrong shape, {len(kinds)} not floating point):"]
     lines += [f"  missing: {k} {list(expected[k])}" for k in missing[:50]]
     lines += [f"  unexpected: {k} {list(found[k])}" for k in extra[:50]]
     lines += [f"  wrong shape: {k}: checkpoint {list(found[k])}, model {list(expected[k])}" for k in shapes[:50]]
-    if max(len(missing), len(extra), len(shapes)) > 50:
+    lines += [f"  wrong dtype: {k}: checkpoint {dtypes[k]}, weights must be float32, bfloat16 or float16" for k in kinds[:50]]
+    if max(len(missing), len(extra), len(shapes), len(kinds)) > 50:
         lines.append("  ... (lists cut at 50)")
     lines.append("Check that the checkpoint is a pi05 model and that `config` matches its sizes "
-                 "(presets: pi05_libero, pi05_base, tiny).")
+                 "(presets: pi05_libero, pi05_base, tiny)" + ("; a quantized checkpoint needs its own loader: "
+                 "load the float one and pick backend=fp8." if kinds else "."))
     raise CheckpointMismatch("\n".join(lines))
 
 
@@ -121,9 +131,16 @@ def build_model(config: str | Pi05Config = "pi05_libero", device="meta") -> Pi05
         return Pi05Model(get_config(config))
 
 
-def load_state(model: Pi05Model, tensors: dict[str, torch.Tensor], device, dtype: torch.dtype) -> Pi05Model:
-    """Assign tensors (keyed by our names) to a meta-device model, in openpi's dtypes."""
+def load_state(model: Pi05Model, tensors: dict[str, torch.Tensor], device, dtype: torch.dtype,
+               source: str | None = None) -> Pi05Model:
+    """Assign tensors (keyed by our names) to a meta-device model, in openpi's dtypes. From a checkpoint
+    (`source`, its path), a tensor with NaN or infinite values (a corrupt copy, a diverged run) is refused
+    by name rather than giving NaN actions."""
     state = {n: t.to(device=device, dtype=parameter_dtype(n, dtype)) for n, t in tensors.items()}
+    bad = [n for n, t in state.items() if not bool(torch.isfinite(t).all())] if source is not None else []
+    if bad:
+        raise CheckpointMismatch(f"{source} holds NaN or infinite values in {len(bad)} tensors: {', '.join(bad[:10])}"
+                                 f"{' ...' if len(bad) > 10 else ''}. Re-copy the checkpoint, or check the run that wrote it.")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
