@@ -20,7 +20,7 @@ from typing import Any
 
 from runners.compare import markdown_table as paired_markdown
 from runners.compare import sweep_comparisons
-from runners.rundir import find_runs, policy_label, read_summary, upgrade_summary, write_json
+from runners.rundir import policy_label, read_summary, sweep_runs, upgrade_summary, write_json
 
 COLUMNS = ["job", "policy", "suite", "steps", "backend", "replan", "chunking", "execution", "latency_ms", "perturb",
            "severity", "success_rate", "ci95_low", "ci95_high", "episodes", "errors", "latency_p50_ms",
@@ -48,11 +48,8 @@ def _severity(summary: dict[str, Any]) -> float | str | None:
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     root = Path(sweep_dir)
-    for run in find_runs(root):
-        s = read_summary(run)
-        if s is None or run == root:
-            continue
-        s = upgrade_summary(s)
+    for run in sweep_runs(root)[0]:  # a failed or stopped job's old summary is not its result
+        s = upgrade_summary(read_summary(run))
         cfg, total = s.get("config", {}), s["total"]
         latency = cfg.get("latency_ms", 0)
         rows.append({
@@ -173,6 +170,9 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return axis
+
+
+SWEEP_OUTPUTS = ("sweep.csv", "sweep.md", "sweep.json", "sweep.png")  # what write_aggregate writes
 
 
 def write_aggregate(sweep_dir: str | Path) -> list[dict[str, Any]]:

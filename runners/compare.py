@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runners.rundir import find_runs, policy_label, read_records, read_summary, result_settings
+from runners.rundir import policy_label, read_records, read_summary, result_settings, sweep_runs
 from runners.stats import PAIRED_CI_METHOD, PAIRED_TEST, mcnemar_exact, paired_difference_ci
 
 KEY_FIELDS = ("suite", "task_id", "init_state_id", "seed")
@@ -126,8 +126,7 @@ def sweep_comparisons(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every pair of the sweep's jobs that differ in exactly one result-deciding setting, compared; A is
     the job with the lower value of that setting."""
     root = Path(sweep_dir)
-    jobs = [(run, read_summary(run)) for run in sorted(find_runs(root), key=_natural) if run != root]
-    jobs = [(run, s) for run, s in jobs if s is not None]
+    jobs = [(run, read_summary(run)) for run in sorted(sweep_runs(root)[0], key=_natural)]  # current jobs only
     out = []
     for i, (run_1, s1) in enumerate(jobs):
         for run_2, s2 in jobs[i + 1:]:

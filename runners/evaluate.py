@@ -254,7 +254,31 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
         print(f"Resuming in {out}: {len(episodes) - len(todo)} of {len(episodes)} episodes already done.")
 
     startup: dict[str, Any] = {}
+
+    def write_summary(complete: bool) -> dict[str, Any]:
+        summary = {
+            "config_hash": chash,
+            "policy_name": policy_name(cfg),
+            "policy_identity": identity,
+            **perturb_stamp(specs),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "provenance": provenance(),
+            "run": startup,  # this invocation's start-up parts, loop time and phases (runners/bench_eval.py)
+            "episodes_planned": len(episodes),
+            "complete": complete,  # False: stopped before the plan was done (sweep tables leave it out)
+            **summarize([results.records[e.key] for e in episodes if e.key in results.records]),
+        }
+        write_json(out / SUMMARY_FILE, summary)
+        tags = failure_markdown(summary)
+        (out / SUMMARY_MD).write_text(markdown_table(summary) + (f"\n## Failure tags\n\n{tags}" if tags else ""),
+                                      encoding="utf-8")
+        return summary
+
     if todo:
+        # results.jsonl is about to change: an old summary must not outlive it (a run killed outright leaves
+        # none, which readers take as "not finished"; any other stop writes a partial one below)
+        for stale in (SUMMARY_FILE, SUMMARY_MD):
+            (out / stale).unlink(missing_ok=True)
         t0 = time.perf_counter()
         if policy is None:
             policy = build_policy(cfg)  # before any simulator: a missing checkpoint fails in seconds
@@ -311,21 +335,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
                 print(f"warning: a video could not be written: {err}", file=sys.stderr)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if not finished:  # stopped (an error, Ctrl-C, SIGTERM): the summary of what is recorded, marked
+                try:
+                    write_summary(complete=False)
+                except Exception as exc:  # never hide the error that stopped the run
+                    print(f"warning: no partial summary written: {exc}", file=sys.stderr)
 
-    summary = {
-        "config_hash": chash,
-        "policy_name": policy_name(cfg),
-        "policy_identity": identity,
-        **perturb_stamp(specs),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "provenance": provenance(),
-        "run": startup,  # this invocation's start-up parts, loop time and phases (runners/bench_eval.py)
-        **summarize([results.records[e.key] for e in episodes if e.key in results.records]),
-    }
-    write_json(out / SUMMARY_FILE, summary)
-    tags = failure_markdown(summary)
-    (out / SUMMARY_MD).write_text(markdown_table(summary) + (f"\n## Failure tags\n\n{tags}" if tags else ""),
-                                  encoding="utf-8")
+    summary = write_summary(complete=all(e.key in results.records for e in episodes))
     print(text_table(summary))
     if summary["total"]["failures"]:
         print("\nepisodes by tag: " + ", ".join(f"{t} {n}" for t, n in summary["total"]["failures"].items()))

@@ -27,7 +27,7 @@ from typing import Any
 
 from scipy import stats
 
-from runners.rundir import find_runs, policy_label, read_summary, upgrade_summary, write_json
+from runners.rundir import find_runs, policy_label, read_summary, sweep_runs, upgrade_summary, write_json
 from runners.stats import wilson_interval
 
 PUBLISHED = Path(__file__).resolve().parent / "published" / "libero.json"
@@ -139,7 +139,8 @@ def report(root: str | Path, table: str = DEFAULT_TABLE, alpha: float = 0.05,
     if "episodes_per_task" in ref:
         protocol["episodes_per_task"] = ref["episodes_per_task"]
     root = Path(root)
-    runs = [r for r in find_runs(root) if read_summary(r) is not None]
+    # the run at root, and a sweep's jobs whose summaries are current (not a failed job's old numbers)
+    runs = [r for r in find_runs(root) if r == root and read_summary(r) is not None] + sweep_runs(root)[0]
     if not runs:
         raise FileNotFoundError(f"no evaluation with a summary.json under {root}: point at a run or sweep directory")
     rows, protocols = [], {}

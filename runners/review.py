@@ -26,7 +26,7 @@ from typing import Any
 
 from runners.compare import html_table as paired_table
 from runners.compare import short_name, sweep_comparisons
-from runners.rundir import (episode_key, find_runs, policy_label, read_records, read_summary, read_traces, summarize,
+from runners.rundir import (episode_key, find_runs, not_current, policy_label, read_records, read_summary, read_traces, summarize,
                             upgrade_summary)
 from runners.tables import html_table, num
 from runners.triage import TAGS
@@ -44,6 +44,7 @@ th { background: #eee; } td.text, th.text { text-align: left; }
 table.paired td:nth-child(-n+3) { text-align: left; }
 .note { font-size: 12px; color: #555; }
 .config { font-family: ui-monospace, monospace; font-size: 12px; color: #555; }
+.warning { background: #fff3cd; border: 1px solid #e0c36a; padding: 4px 8px; margin: 4px 0; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
 .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; width: 464px; }
 .card video, .pair video { width: 448px; height: 272px; display: block; background: #000; }
@@ -332,6 +333,10 @@ def write_review(root: str | os.PathLike) -> Path:
         title = os.path.relpath(eval_dir, root)
         tag_counts.update(_tag(r) for r in records if r.get("error") or not r.get("success"))
         body.append(f'<h2 id="{html.escape(short_name(title))}">{html.escape("evaluation" if title == "." else title)}</h2>')
+        stale = not_current(eval_dir) if eval_dir != root else None
+        if stale is not None:  # a sweep job left out of the tables above: say so where its old numbers show
+            body.append(f'<div class="warning">Left out of the sweep\'s tables: {html.escape(stale)}. What follows is '
+                        f'what its directory holds, possibly from an earlier run.</div>')
         body.append(f'<div class="config">{html.escape(_config_line(summary))}</div>')
         body.append(html_table(summary))
         body.append(_tag_table(summary, records))

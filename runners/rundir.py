@@ -221,6 +221,38 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def not_current(run: str | os.PathLike) -> str | None:
+    """Why a run directory's summary does not stand for its latest run, or None when it does: its sweep
+    job failed (JOB_ERROR_FILE; an old summary.json may still be there), it has no summary.json (stopped,
+    killed, or still running), or its summary says it stopped before its plan was done."""
+    run = Path(run)
+    if (run / JOB_ERROR_FILE).is_file():
+        return f"failed (traceback in {JOB_ERROR_FILE})"
+    summary = read_summary(run)
+    if summary is None:
+        return "no summary.json (stopped before its end, or still running)"
+    if summary.get("complete") is False:
+        total = summary.get("total", {})
+        done = (total.get("episodes") or 0) + (total.get("errors") or 0)
+        return f"stopped after {done} of {summary.get('episodes_planned', '?')} episodes"
+    return None
+
+
+def sweep_runs(root: str | os.PathLike) -> tuple[list[Path], dict[Path, str]]:
+    """A sweep's job directories (below root) whose summaries are current, and the others with why
+    (`not_current`): tables and comparisons must not show a failed or stopped job's old numbers."""
+    current, left_out = [], {}
+    for run in find_runs(root):
+        if run == Path(root):
+            continue
+        why = not_current(run)
+        if why is None:
+            current.append(run)
+        else:
+            left_out[run] = why
+    return current, left_out
+
+
 def find_runs(root: str | os.PathLike) -> list[Path]:
     """Every evaluation directory at or under `root` (a directory holding results.jsonl). Hidden
     folders *inside* root (.hydra, .submitit) are skipped; root itself may live anywhere (../run,

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runners import CONF_DIR
 from runners.evaluate import evaluate, output_dir
-from runners.rundir import JOB_ERROR_FILE
+from runners.rundir import JOB_ERROR_FILE, sweep_runs
 
 log = logging.getLogger("runners.sweep")
 
@@ -31,31 +31,38 @@ log = logging.getLogger("runners.sweep")
 OmegaConf.register_new_resolver("underscored", lambda s: f"_{s}" if s else "", replace=True)
 
 
-def failed_jobs(sweep_dir: str | Path) -> list[Path]:
-    """The job directories of a sweep whose job raised (they hold JOB_ERROR_FILE)."""
-    return sorted(p.parent for p in Path(sweep_dir).glob(f"*/{JOB_ERROR_FILE}"))
-
-
 def finish_sweep(sweep_dir: str | Path, reproduce: str | None = None) -> None:
-    from runners.aggregate import write_aggregate
+    """Tables, plot, paired comparisons and review page over the jobs whose summaries are current; a
+    failed or stopped job is left out of them and named, and the exit status says so."""
+    from runners.aggregate import SWEEP_OUTPUTS, write_aggregate
     from runners.review import write_review
 
     root = Path(sweep_dir)
-    failed = failed_jobs(root)
-    rows = write_aggregate(root) if any(root.glob("*/summary.json")) else []
-    if rows:
+    current, left_out = sweep_runs(root)
+    if current:
+        rows = write_aggregate(root)
+    else:  # tables of an earlier sweep into this out= would show numbers no job stands for now
+        rows = []
+        for name in SWEEP_OUTPUTS:
+            (root / name).unlink(missing_ok=True)
+    if rows or left_out:
         page = write_review(root)
+    if rows:
         print((root / "sweep.md").read_text(encoding="utf-8"))
         print(f"Sweep of {len(rows)} jobs: {root / 'sweep.csv'}, {root / 'sweep.png'}\nReview page: {page}")
         if reproduce:
             from runners.reproduce import markdown, report
 
             print(markdown(report(root, reproduce)))
-    if failed:
-        lines = "\n".join(f"  {job}: {_last_line(job / JOB_ERROR_FILE)}" for job in failed)
-        raise SystemExit(f"{len(failed)} sweep job(s) failed (their tracebacks are in {JOB_ERROR_FILE}); "
-                         f"the tables above leave them out. Fix the cause and run the sweep again with the "
-                         f"same out=: finished episodes are kept.\n{lines}")
+    if left_out:
+        lines = "\n".join(f"  {job.relative_to(root)}: {why}" + (f": {_last_line(job / JOB_ERROR_FILE)}"
+                                                                if (job / JOB_ERROR_FILE).is_file() else "")
+                          for job, why in sorted(left_out.items()))
+        raise SystemExit(f"{len(left_out)} sweep job(s) failed or did not finish; the tables "
+                         f"{'above ' if rows else ''}leave them out. Fix the cause and run the sweep again with "
+                         f"the same out=: finished episodes are kept.\n{lines}")
+    if not rows:
+        raise SystemExit(f"no sweep jobs (directories with results.jsonl) under {root}: give a sweep's out= directory")
 
 
 def _last_line(file: Path) -> str:

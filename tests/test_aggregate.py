@@ -52,3 +52,39 @@ def test_a_steps_sweep_keeps_steps_on_the_axis(tmp_path):
     for i, steps in enumerate((1, 3, 10)):
         _job(tmp_path, f"job{i}", {"steps": steps})
     assert plot_axis(collect(tmp_path)) == "steps"
+
+
+def test_failed_or_stopped_jobs_are_left_out_of_the_tables_and_named(tmp_path, capsys):
+    """A job that failed when the sweep ran again into the same out= keeps its earlier summary.json; one
+    killed outright has results but no summary; one stopped has a summary marked incomplete. None of
+    their numbers may reach the tables, comparisons or plot, and the sweep must say which and why
+    (it said "the tables leave them out" while showing a failed job's old numbers)."""
+    from runners.rundir import JOB_ERROR_FILE
+    from runners.sweep import finish_sweep
+
+    for i, replan in enumerate((2, 5, 8, 10)):
+        _job(tmp_path, f"job{i}_replan={replan}", {"replan": replan})
+    (tmp_path / "job1_replan=5" / JOB_ERROR_FILE).write_text("Traceback ...\nValueError: unknown task 99\n")
+    (tmp_path / "job2_replan=8" / "summary.json").unlink()
+    stopped = json.loads((tmp_path / "job3_replan=10" / "summary.json").read_text())
+    (tmp_path / "job3_replan=10" / "summary.json").write_text(json.dumps({**stopped, "complete": False,
+                                                                          "episodes_planned": 50}))
+    with pytest.raises(SystemExit) as info:
+        finish_sweep(tmp_path)
+    message = str(info.value)
+    assert "3 sweep job(s) failed or did not finish" in message
+    assert "job1_replan=5: failed (traceback in job_error.txt): ValueError: unknown task 99" in message
+    assert "job2_replan=8: no summary.json" in message and "job3_replan=10: stopped after 3 of 50 episodes" in message
+    assert [r["job"] for r in json.loads((tmp_path / "sweep.json").read_text())["jobs"]] == ["job0_replan=2"]
+    assert json.loads((tmp_path / "sweep.json").read_text())["paired_comparisons"] == []
+    page = (tmp_path / "review.html").read_text()
+    assert page.count("Left out of the sweep's tables") == 3
+    # every job failing: no table of an earlier run survives to be taken for this one's
+    (tmp_path / "job0_replan=2" / JOB_ERROR_FILE).write_text("ValueError: again\n")
+    with pytest.raises(SystemExit, match="4 sweep job"):
+        finish_sweep(tmp_path)
+    assert not any((tmp_path / name).exists() for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep.png"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no sweep jobs"):
+        finish_sweep(empty)

@@ -389,3 +389,35 @@ def test_rtc_gets_the_previous_chunk_from_the_requests_own_step(tmp_path):
     expected = [ChunkPolicy.encode(0, j, 0) for j in range(3, 8)]
     assert [round(a, 6) for a in second["prev_actions"][0, :5, 0]] == expected
     assert [round(a, 6) for a in third["prev_actions"][0, :5, 0]] == [ChunkPolicy.encode(1, j, 0) for j in range(3, 8)]
+
+
+class StopsOnCall(ChunkPolicy):
+    """A policy that is interrupted (Ctrl-C) at its `n`-th call."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def infer(self, batch):
+        if len(self.calls) + 1 >= self.n:
+            raise KeyboardInterrupt
+        return super().infer(batch)
+
+
+def test_a_stopped_resume_leaves_a_summary_of_what_is_recorded_marked_incomplete(tmp_path):
+    """A resume that adds episodes and is stopped used to leave the earlier summary.json, which review,
+    reproduce and the sweep tables then reported as the run's."""
+    out = tmp_path / "run"
+    first = evaluate(config("tasks=[0]", "init_states=[0]", *FAST), out, policy=ChunkPolicy())
+    assert first["complete"] is True and first["total"]["episodes"] == 1 and first["episodes_planned"] == 1
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config("tasks=[0]", "init_states=[0,1,2]", "num_envs=1", *FAST), out, policy=StopsOnCall(4))
+    recorded = len(lines(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and summary["episodes_planned"] == 3
+    assert summary["total"]["episodes"] + summary["total"]["errors"] == recorded >= 2  # what results.jsonl holds
+    from runners.rundir import not_current
+
+    assert not_current(out) == f"stopped after {recorded} of 3 episodes"
+    done = evaluate(config("tasks=[0]", "init_states=[0,1,2]", *FAST), out, policy=ChunkPolicy())
+    assert done["complete"] is True and done["total"]["episodes"] == 3 and not_current(out) is None
