@@ -245,6 +245,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     out.mkdir(parents=True, exist_ok=True)
     results = ResultsLog(out, chash)  # refuses results of another configuration before anything is written
     done = results.done(retry_errors=bool(cfg.retry_errors))
+    if results.torn_lines:
+        print(f"warning: {results.torn_lines} unreadable line(s) in {results.path} (cut short by a kill, or corrupt) "
+              f"were skipped and left in the file; their episodes run again", file=sys.stderr)
     todo = [e for e in episodes if e.key not in done]
     OmegaConf.save(cfg, out / CONFIG_FILE, resolve=True)
     start = {"config_hash": chash, "policy_identity": identity, "episodes_planned": len(episodes),

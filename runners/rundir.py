@@ -115,13 +115,12 @@ def read_records(path: str | os.PathLike) -> tuple[dict[tuple, dict[str, Any]], 
         path = path / RESULTS_FILE
     records: dict[tuple, dict[str, Any]] = {}
     torn = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    with open(path, "rb") as f:  # decoded line by line: one corrupt line must not hide the others
+        for raw in f:
+            if not raw.strip():
                 continue
             try:
-                rec = check_record(json.loads(line))
+                rec = check_record(json.loads(raw.decode("utf-8")))
                 key = episode_key(rec)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 torn += 1  # a line cut short by a kill (the episode is simply re-run), or not ours
@@ -137,10 +136,10 @@ def read_traces(run_dir: str | os.PathLike) -> dict[tuple, dict[str, Any]]:
     traces: dict[tuple, dict[str, Any]] = {}
     if not path.is_file():
         return traces
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
                 traces[episode_key(rec)] = rec
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue

@@ -49,6 +49,22 @@ def test_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path):
     assert len(again.done()) == 2 and again.torn_lines == 1
 
 
+def test_a_corrupt_non_utf8_line_is_skipped_like_a_torn_one(tmp_path):
+    """Disk corruption in the middle of results.jsonl used to stop resume, review and compare with a
+    UnicodeDecodeError naming no file."""
+    from runners.rundir import read_traces
+
+    log = ResultsLog(tmp_path, "abc")
+    log.append(rec(0, 0))
+    with open(tmp_path / "results.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\x00garbage\n")
+    log.append(rec(0, 1))
+    (tmp_path / "traces.jsonl").write_bytes(b"\xff\n" + json.dumps(rec(0, 1)).encode() + b"\n")
+    again = ResultsLog(tmp_path, "abc")
+    assert again.torn_lines == 1 and again.done() == {("libero_spatial", 0, 0, 7), ("libero_spatial", 0, 1, 7)}
+    assert list(read_traces(tmp_path)) == [("libero_spatial", 0, 1, 7)]
+
+
 def test_error_episodes_are_retried_and_the_newest_line_wins(tmp_path):
     log = ResultsLog(tmp_path, "abc")
     log.append(rec(0, 0, success=False, error="boom"))
