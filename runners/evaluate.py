@@ -55,6 +55,15 @@ def config_hash(cfg: DictConfig, identity: dict | None = None) -> str:
     data["perturb"] = perturb_specs(cfg)
     if identity is not None:
         data["policy_identity"] = identity
+        policy = data.get("policy")
+        if isinstance(policy, dict) and "checkpoint_sha256" in identity:
+            # the checkpoint's content is in the identity: its path is not a setting (a moved copy, another
+            # node's mount point, a trailing slash), and the tokenizer's and norm stats' files count by content
+            policy.pop("checkpoint", None)
+            for key in ("tokenizer", "norm_stats"):
+                if isinstance(policy.get(key), str) and Path(policy[key]).expanduser().is_file():
+                    with open(Path(policy[key]).expanduser(), "rb") as f:
+                        policy[key] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

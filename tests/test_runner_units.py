@@ -93,6 +93,30 @@ def test_the_policy_identity_is_part_of_the_hash(base):
     assert a == config_hash(base.copy(), {"checkpoint_format": "jax", "checkpoint_sha256": "aa" * 32})
 
 
+def test_a_checkpoints_path_does_not_change_the_hash_its_files_content_does(tmp_path, tiny_checkpoint, spm_tokenizer):
+    """README: the identity is the checkpoint's content, not its path. A moved copy, another node's mount
+    point or a trailing slash used to refuse a resume; a tokenizer file counts by content too."""
+    from runners.build import policy_identity
+
+    def h(checkpoint, tokenizer):
+        cfg = _compose(overrides=["policy=pi05", f"policy.checkpoint={checkpoint}", f"policy.tokenizer={tokenizer}",
+                                  "policy.config=tiny"])
+        return config_hash(cfg, policy_identity(cfg))
+
+    moved = tmp_path / "moved" / "pi05_tiny"
+    shutil.copytree(tiny_checkpoint, moved)
+    tok = tmp_path / "tok.model"
+    shutil.copy(spm_tokenizer, tok)
+    here = h(tiny_checkpoint, spm_tokenizer)
+    assert h(moved, tok) == h(f"{moved}/", tok) == here
+    other_tok = tmp_path / "other.model"
+    other_tok.write_bytes(Path(spm_tokenizer).read_bytes() + b"\0")
+    assert h(moved, other_tok) != here
+    data = (moved / "model.safetensors").read_bytes()
+    (moved / "model.safetensors").write_bytes(data[:-4] + bytes(4 * [7]))  # other weights, same layout
+    assert h(moved, tok) != here
+
+
 def test_a_remote_policys_address_and_credentials_do_not_change_the_hash(remote):
     h = config_hash(remote)
     for key, value in (("host", "gpu-box.example"), ("port", 9000), ("policy__host", "10.0.0.2"),
