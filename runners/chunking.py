@@ -43,6 +43,8 @@ def check_chunking(replan: int, chunking: str, chunk_size: int | None = None, de
         raise ValueError(f"unknown chunking {chunking!r}; choose one of {', '.join(CHUNKING)}")
     if int(replan) < 1:
         raise ValueError(f"replan must be >= 1, got {replan}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"the policy's chunk size must be >= 1 actions, got {chunk_size}")
     if chunk_size is not None and int(delay_steps) >= int(chunk_size):
         raise ValueError(f"the latency is {delay_steps} env steps at {CONTROL_HZ:g} Hz, as long as the policy's "
                          f"whole chunk of {chunk_size} actions: every chunk would arrive already spent. Use "

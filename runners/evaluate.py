@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -151,6 +152,9 @@ def policy_name(cfg: DictConfig) -> str:
     return policy_label({"config": {"policy": OmegaConf.to_container(cfg.policy, resolve=True)}})
 
 
+MAX_LATENCY_MS = 60_000.0
+
+
 def parse_latency(value) -> float | None:
     """`latency_ms`: a number of milliseconds, or `measured` (None: each call's real latency)."""
     if isinstance(value, str) and value.strip().lower() == "measured":
@@ -159,16 +163,22 @@ def parse_latency(value) -> float | None:
         ms = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"latency_ms must be a number of milliseconds or 'measured', got {value!r}") from None
-    if not ms >= 0 or ms == float("inf"):
-        raise ValueError(f"latency_ms must be >= 0 and finite, got {value!r}")
+    if not 0 <= ms <= MAX_LATENCY_MS:  # NaN fails too; beyond a minute no chunk outlasts it anyway
+        raise ValueError(f"latency_ms must be between 0 and {MAX_LATENCY_MS:g} ms, got {value!r}")
     return ms
 
 
 def loop_settings(cfg: DictConfig) -> LoopSettings:
     max_steps = cfg.env.get("max_steps") or get_suite(cfg.suite).max_steps
-    return LoopSettings(replan=int(cfg.replan), chunking=cfg.chunking, ensemble_m=float(cfg.ensemble_m),
+    try:
+        ensemble_m = float(cfg.ensemble_m)
+    except (TypeError, ValueError):
+        ensemble_m = float("nan")
+    if not math.isfinite(ensemble_m):
+        raise ValueError(f"ensemble_m must be a finite number (the ensemble's weight decay), got {cfg.ensemble_m!r}")
+    return LoopSettings(replan=check_int("replan", cfg.replan, 1), chunking=cfg.chunking, ensemble_m=ensemble_m,
                         execution=str(cfg.execution), latency_ms=parse_latency(cfg.latency_ms),
-                        max_steps=int(max_steps), view=int(cfg.env.image_size), video_stride=int(cfg.video_stride),
+                        max_steps=int(max_steps), view=int(cfg.env.image_size), video_stride=check_int("video_stride", cfg.video_stride, 1),
                         render=str(cfg.get("render", "on_demand")))
 
 

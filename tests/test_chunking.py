@@ -148,6 +148,8 @@ def test_latency_in_steps_and_the_early_check():
         check_chunking(5, "replan", 10, delay_steps=6)
     with pytest.raises(ValueError, match="latency"):
         delay_steps(-1)
+    with pytest.raises(ValueError, match="the policy's chunk size must be >= 1 actions, got 0"):
+        check_chunking(5, "replan", 0)  # said "Use latency_ms <= -250 with replan=5"
 
 
 def test_jerk_is_the_mean_second_difference_of_the_executed_motion():

@@ -315,6 +315,15 @@ def test_execution_settings_are_checked_before_any_environment(tmp_path, monkeyp
         evaluate(config("execution=later", *FAST), tmp_path)
     with pytest.raises(ValueError, match="latency_ms must be a number of milliseconds or 'measured'"):
         evaluate(config("execution=async", "latency_ms=soon", *FAST), tmp_path)
+    # values that used to run silently changed (replan 2.5 as 2), every episode an error (a NaN ensemble
+    # weight) or crash with a bare OverflowError / int() message naming no setting
+    for overrides, why in ((["replan=2.5"], "replan must be a whole number, got 2.5"),
+                           (["replan=abc"], "replan must be a whole number, got 'abc'"),
+                           (["chunking=ensemble", "ensemble_m=nan"], "ensemble_m must be a finite number"),
+                           (["chunking=ensemble", "ensemble_m=abc"], "ensemble_m must be a finite number"),
+                           (["execution=async", "latency_ms=1e308"], "latency_ms must be between 0 and 60000 ms")):
+        with pytest.raises(ValueError, match=why):
+            evaluate(config(*overrides, *FAST), tmp_path)
     with pytest.raises(ValueError, match=r"replan=5 \+ the latency's 6 steps exceeds the policy's chunk length 10"):
         evaluate(config("execution=async", "latency_ms=300", *FAST), tmp_path)
     with pytest.raises(ValueError, match="execution=rtc needs a policy"):
