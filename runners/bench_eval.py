@@ -34,6 +34,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from envs.checks import check_int
 from runners import CONF_DIR
 from runners.evaluate import output_dir, evaluate, plan_episodes
 from runners.rundir import RESULTS_FILE, write_json
@@ -120,10 +121,19 @@ def bench(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if done:  # an evaluation resumes a run directory: its rates would count episodes of the earlier run
         raise ValueError(f"{done[0]} already holds results, and a benchmark must time a fresh run: choose a new "
                          "out= (the default is a new time-stamped folder); nothing was changed there")
-    t0 = time.perf_counter()
+    # every setting of the serial part is checked before the main run: its timing is not to be lost to a typo
+    n_serial = check_int("serial_episodes", cfg.serial_episodes, 1) if cfg.serial_baseline else 0
     limit = cfg.get("time_limit_s")
+    if limit is not None:
+        try:
+            limit = float(limit)
+        except (TypeError, ValueError):
+            limit = float("nan")
+        if not limit > 0:
+            raise ValueError(f"time_limit_s must be a positive number of seconds or null, got {cfg.time_limit_s!r}")
+    t0 = time.perf_counter()
     with GpuSampler() as gpu:
-        main = evaluate(cfg, out / "main", stop_after_s=None if limit is None else float(limit))
+        main = evaluate(cfg, out / "main", stop_after_s=limit)
     wall = time.perf_counter() - t0
     result: dict[str, Any] = {
         "command": "python -m runners.bench_eval " + " ".join(_overrides()),
@@ -140,9 +150,10 @@ def bench(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "provenance": provenance(),
         "settings": OmegaConf.to_container(cfg, resolve=True),
     }
+    write_json(out / RESULT_FILE, result)  # the main run's numbers, before the serial part (kept if it fails)
     if cfg.serial_baseline:
         serial_cfg = cfg.copy()
-        n = int(cfg.serial_episodes)
+        n = n_serial
         with open_dict(serial_cfg):
             serial_cfg.num_envs = 1
             serial_cfg.vectorization = "sync"

@@ -25,3 +25,17 @@ def test_rates_come_from_this_run_and_a_used_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already holds results.*new out="):
         bench(cfg, tmp_path)
     assert (tmp_path / "main" / "results.jsonl").read_text() == before
+
+
+def test_the_serial_parts_settings_are_checked_before_the_main_run(tmp_path, monkeypatch):
+    """serial_episodes=0 used to fail after the whole main run, which then could not be re-run into the
+    same out= (a benchmark times a fresh run): an expensive GPU timing lost to a typo."""
+    import runners.bench_eval as be
+
+    monkeypatch.setattr(be, "evaluate", lambda *a, **k: pytest.fail("the main run started"))
+    for override, why in (("serial_episodes=0", "serial_episodes must be >= 1, got 0"),
+                          ("serial_episodes=abc", "serial_episodes must be a whole number"),
+                          ("time_limit_s=-5", "time_limit_s must be a positive number"),
+                          ("time_limit_s=soon", "time_limit_s must be a positive number")):
+        with pytest.raises(ValueError, match=why):
+            bench(config(*SMALL, override, name="bench_eval"), tmp_path / override.split("=")[0])
