@@ -252,9 +252,11 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
     check_chunking(settings.replan, settings.chunking, None)
     resolve_num_envs(cfg.num_envs)
     render_environ(cfg.render_device)
-    if not cfg.env.get("cameras", True) and cfg.videos != "none":
-        print("warning: env.cameras=false renders nothing, so the videos will be black; set videos=none",
+    videos = str(cfg.videos)
+    if not cfg.env.get("cameras", True) and videos != "none":
+        print(f"note: env.cameras=false renders no frames, so no videos are written (videos={videos} ignored)",
               file=sys.stderr)
+        videos = "none"
     if policy is None and is_remote(cfg):
         policy = build_policy(cfg)  # the server says what it runs; that is part of the config hash
     if policy is not None and is_remote(cfg):
@@ -312,7 +314,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None, policy=None, ma
                              f"{policy_name(cfg)} does not: use execution=async")
         previous = signal.signal(signal.SIGTERM, _terminate_gracefully) if _main_thread() else None
         env_kwargs = dict(OmegaConf.to_container(cfg.env, resolve=True), suite=cfg.suite, task_id=todo[0].task_id)
-        recorder = VideoRecorder(out / "videos", videos=cfg.videos, fps=int(cfg.video_fps), tag=chash[:8])
+        recorder = VideoRecorder(out / "videos", videos=videos, fps=int(cfg.video_fps), tag=chash[:8])
         progress = None
         stamp = {"git_commit": start.get("git_commit") or start.get("package_version"),
                  "checkpoint_sha256": (identity or {}).get("checkpoint_sha256"), **perturb_stamp(specs)}

@@ -94,6 +94,17 @@ def test_videos_setting_decides_which_videos_stay(tmp_path):
         VideoRecorder(tmp_path, videos="some")
 
 
+def test_an_episode_without_frames_names_no_video(tmp_path):
+    """An episode that recorded no frame (an env without cameras, an episode that erred at reset) used to
+    get a result line naming a video file that was never written."""
+    rec = VideoRecorder(tmp_path / "videos", videos="all")
+    assert record(rec, "failure", steps=0) is None
+    kept = record(rec, "failure", steps=3, init_state=1)
+    assert rec.close() == []
+    assert kept is not None and (tmp_path / kept).is_file()
+    assert [p.name for p in (tmp_path / "videos").rglob("*.mp4")] == [Path(kept).name]
+
+
 def test_closing_with_episodes_still_running_discards_their_videos_at_once(tmp_path):
     """Ctrl-C mid-episode: the recorder is closed while episodes' videos have frames but no end. Their
     encoders are told to stop (no hang waiting for frames that never come), their partial files go, and

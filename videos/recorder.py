@@ -51,6 +51,7 @@ class EpisodeVideo:
         self.stem = self.partial_path.name[: -len(PARTIAL)]
         self.error: BaseException | None = None
         self.ended = False  # `finish` called
+        self.frames = 0  # frames handed to `add` (0: nothing to keep, e.g. without cameras)
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
         self._last: np.ndarray | None = None
         height, width = frame_size(view)
@@ -72,6 +73,7 @@ class EpisodeVideo:
 
     def add(self, image: np.ndarray, wrist: np.ndarray, step: int, chunk_start: bool) -> None:
         # Copies: the caller's observation buffers are reused by the vector env.
+        self.frames += 1
         self._queue.put(("frame", (np.array(image), np.array(wrist), int(step), bool(chunk_start))))
 
     def finish(self, outcome: str, final_path: Path | None) -> None:
@@ -157,7 +159,7 @@ class VideoRecorder:
         if video is None:
             return None
         final = None
-        if keeps(self.videos, outcome):
+        if keeps(self.videos, outcome) and video.frames:  # no frames, no file: a result line must not name one
             final = unique_path(self.root / f"{video.stem}_{outcome}.mp4", self._reserved)
             self._reserved.add(final)
         video.finish(outcome, final)
