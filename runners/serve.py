@@ -19,13 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from runners import CONF_DIR
 from runners.build import build_policy
-from runners.server import PolicyServer
+from runners.server import PolicyServer, bound_socket
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    policy = build_policy(cfg)  # fails before the port opens if the checkpoint is missing
+    sock = bound_socket(cfg.host, cfg.port)  # a taken or bad port fails now, not after the policy's load
+    policy = build_policy(cfg)  # fails before any client connects if the checkpoint is missing
     if hasattr(policy, "prepare"):  # compile and capture every batch size now: no client's call pays for it
         prepared = policy.prepare(int(cfg.max_batch))
         if prepared:
@@ -38,7 +39,7 @@ def main(cfg: DictConfig) -> None:
             # what clients hash to tell servers apart (runners/build.py policy_identity)
             "identity": getattr(policy, "identity", None)}
     server = PolicyServer(policy, cfg.host, cfg.port, cfg.max_batch, cfg.batch_window_ms, metadata=meta,
-                          max_message_mb=cfg.max_message_mb,
+                          max_message_mb=cfg.max_message_mb, max_connections=cfg.max_connections, sock=sock,
                           api_key=None if cfg.api_key is None else str(cfg.api_key))  # api_key=1234 is an int to Hydra
     asyncio.run(server.run())
 

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hmac
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -51,6 +53,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from envs.checks import check_int
 from openpi_client.image_tools import resize_with_pad
 from policy.base import check_actions
 from policy import wire
@@ -154,11 +157,39 @@ class _Request:
     result: asyncio.Future | None = None
 
 
+def bound_socket(host: str, port: Any) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening, or a ValueError saying what to change.
+    `runners.serve` binds it before loading the policy, so a taken or mistyped port fails in a second,
+    not after minutes of loading and compiling; until the server listens, a client's connection is
+    refused (openpi's client waits and retries then), not left hanging in a backlog."""
+    port = check_int("port", port, 0, 65535)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(str(host), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ValueError(f"host={host!r} cannot be served on ({exc}): give an address of this machine") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's own servers do
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = "is in use (another server?)" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc})"
+        raise ValueError(f"port {port} on {host} {why}: choose another port= (or host=)") from None
+    return sock
+
+
 class PolicyServer:
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
                  window_ms: float = 5.0, metadata: dict[str, Any] | None = None, image_size: int = 224,
-                 max_message_mb: float = 32.0, api_key: str | None = None, decode_workers: int | None = None):
+                 max_message_mb: float = 32.0, api_key: str | None = None, decode_workers: int | None = None,
+                 max_connections: int = 256, sock: socket.socket | None = None):
+        """sock: a bound socket to serve on (`bound_socket`, bound before a slow policy load), else
+        host and port are bound when `run` starts. max_connections: more are refused (HTTP 503): each may
+        hold ~2 messages of max_message_mb in memory, so the count bounds the server's memory."""
         self.policy, self.host, self.port = policy, host, int(port)
+        self._sock = sock
+        self.max_connections = check_int("max_connections", max_connections, 1)
         self.max_batch, self.window = int(max_batch), float(window_ms) / 1000.0
         self.image_size = image_size
         if not float(max_message_mb) > 0:
@@ -196,6 +227,12 @@ class PolicyServer:
     def _process_request(self, connection: ServerConnection, request):
         if request.path == "/healthz":  # open even with an API key: load balancers and scripts poll it
             return connection.respond(HTTPStatus.OK, "OK\n")
+        if len(self._clients) >= self.max_connections:
+            log.warning("refused a connection from %s: %d connections open (max_connections)",
+                        connection.remote_address, len(self._clients))
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"server full: {len(self._clients)} connections open (its max_connections); "
+                                      f"retry later\n")
         if self._api_key is not None:
             got = request.headers.get("Authorization", "")
             # surrogateescape: websockets decodes header bytes that way; any value compares, none crashes
@@ -224,6 +261,7 @@ class PolicyServer:
                     return
                 try:
                     row = await loop.run_in_executor(self._decoder, decode_observation, message, self.image_size)
+                    message = None  # the raw bytes are not kept while the request waits (memory per connection)
                 except (BadRequest, wire.WireError) as exc:
                     await self._refuse(ws, f"bad request: {exc}")
                     return
@@ -357,8 +395,9 @@ class PolicyServer:
         # max_size: websockets refuses a bigger message from its header (close 1009) before buffering
         # it. max_queue: frames buffered per connection while its request waits (a client of openpi's
         # protocol has one request out at a time), so at most ~2 x max_size per connection.
-        async with serve(self._handle, self.host, self.port, process_request=self._process_request,
-                         compression=None, max_size=self.max_size, max_queue=2) as server:
+        where = {"sock": self._sock} if self._sock is not None else {"host": self.host, "port": self.port}
+        async with serve(self._handle, process_request=self._process_request, compression=None,
+                         max_size=self.max_size, max_queue=2, **where) as server:
             self.port = server.sockets[0].getsockname()[1]
             self.started.set()
             log.info("serving %s on ws://%s:%d (max message %g MiB%s)", type(self.policy).__name__, self.host,

@@ -476,3 +476,51 @@ def test_the_episode_step_extension_is_optional_and_checked():
                 {"harness/episode": list(range(9)), "harness/step": 0}, {"harness/step": 3}):
         with pytest.raises(BadRequest, match="harness/"):
             parse_observation({**obs, **bad})
+
+
+def test_connections_past_max_connections_are_refused_and_memory_stays_bounded():
+    """Each connection may hold ~2 messages of max_message_mb: without a cap, a few hundred idle
+    connections with queued messages took the server's memory (and every client) down."""
+    from websockets.exceptions import InvalidStatus
+
+    with Running(ZeroPolicy(), max_connections=2) as server:
+        first, second = (connect(f"ws://127.0.0.1:{server.port}", max_size=None) for _ in range(2))
+        for c in (first, second):
+            c.recv(timeout=10)  # the metadata: both are in
+        with pytest.raises(InvalidStatus) as info:
+            connect(f"ws://127.0.0.1:{server.port}", open_timeout=10)
+        assert info.value.response.status_code == 503 and b"max_connections" in info.value.response.body
+        first.close()
+        deadline = time.monotonic() + 10
+        while len(server._clients) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = WebsocketClientPolicy("127.0.0.1", server.port)  # room again
+        assert client.infer(observation())["actions"].shape == (10, 7)
+        second.close()
+    with pytest.raises(ValueError, match="max_connections must be >= 1"):
+        PolicyServer(ZeroPolicy(), max_connections=0)
+
+
+def test_a_taken_or_bad_port_fails_before_the_policy_is_built(tmp_path):
+    """runners.serve bound its port only after loading and compiling the policy (minutes with real weights),
+    then died with an OSError traceback."""
+    from runners.server import bound_socket
+    from serving import free_port
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
+            bound_socket("127.0.0.1", port)
+        record = tmp_path / "calls.txt"
+        proc = subprocess.run([sys.executable, "-m", "runners.serve", "policy._target_=serving.PreparingPolicy",
+                               f"+policy.record={record}", "host=127.0.0.1", f"port={port}"], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"port {port} on 127.0.0.1 is in use" in proc.stderr
+    assert not record.exists()  # no policy was built (nor prepared)
+    with pytest.raises(ValueError, match="port must be 0..65535, got 70000"):
+        bound_socket("127.0.0.1", 70000)
+    # bound and not yet listening (the policy loading): a client is refused at once, not left hanging
+    sock = bound_socket("127.0.0.1", free_port())
+    with sock, pytest.raises(ConnectionRefusedError):
+        socket.create_connection(sock.getsockname(), timeout=5)
