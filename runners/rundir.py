@@ -241,7 +241,11 @@ def sweep_runs(root: str | os.PathLike) -> tuple[list[Path], dict[Path, str]]:
     """A sweep's job directories (below root) whose summaries are current, and the others with why
     (`not_current`): tables and comparisons must not show a failed or stopped job's old numbers."""
     current, left_out = [], {}
-    for run in find_runs(root):
+    # A job that failed before its first episode (an unknown suite, a missing checkpoint) has only its
+    # traceback: it must still be named, and fail the sweep.
+    failed_early = {p.parent for p in Path(root).rglob(JOB_ERROR_FILE)
+                    if not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    for run in sorted(set(find_runs(root)) | failed_early):
         if run == Path(root):
             continue
         why = not_current(run)

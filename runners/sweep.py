@@ -11,7 +11,9 @@ After the last job the sweep directory holds sweep.csv, sweep.md, sweep.png and 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -27,8 +29,35 @@ from runners.rundir import JOB_ERROR_FILE, sweep_runs
 
 log = logging.getLogger("runners.sweep")
 
-# Job directories read job0_steps=1,... or job0 when nothing was overridden (conf/sweep.yaml).
-OmegaConf.register_new_resolver("underscored", lambda s: f"_{s}" if s else "", replace=True)
+MAX_NAME_BYTES = 200  # of a job directory's name (file systems allow 255): longer override lists are hashed
+
+
+def job_dirname(sweep_dir: str, num: int, overrides: str) -> str:
+    """A sweep job's directory name (conf/sweep.yaml): job<N>_<overrides>, job<N> without any. A directory
+    of an earlier sweep into this out= with the same overrides is reused whatever its number, so a sweep
+    run again with its values in another order, or with one more, resumes its jobs instead of running
+    them again beside the old ones (and listing both). A new job whose number an earlier job holds
+    takes a number after all of theirs. A name over MAX_NAME_BYTES ends in a hash of the overrides
+    (all of them stay in the job's config.yaml)."""
+    suffix = f"_{overrides}" if overrides else ""
+    if len(f"job{num}{suffix}".encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(overrides.encode()).hexdigest()[:10]
+        suffix = f"_{overrides.encode()[:MAX_NAME_BYTES - 40].decode(errors='ignore')}...{digest}"
+    root = Path(sweep_dir)
+    numbers: dict[int, str] = {}
+    if root.is_dir():
+        for d in root.iterdir():
+            m = re.fullmatch(r"job(\d+)(_.*)?", d.name)
+            if m and d.is_dir():
+                if (m.group(2) or "") == suffix:
+                    return d.name  # this job's directory from an earlier sweep
+                numbers[int(m.group(1))] = m.group(2) or ""
+    if int(num) in numbers:
+        num = max(numbers) + 1 + int(num)
+    return f"job{num}{suffix}"
+
+
+OmegaConf.register_new_resolver("job_dirname", lambda d, n, o: job_dirname(str(d), int(n), str(o or "")), replace=True)
 
 
 def finish_sweep(sweep_dir: str | Path, reproduce: str | None = None) -> None:

@@ -69,10 +69,13 @@ def test_failed_or_stopped_jobs_are_left_out_of_the_tables_and_named(tmp_path, c
     stopped = json.loads((tmp_path / "job3_replan=10" / "summary.json").read_text())
     (tmp_path / "job3_replan=10" / "summary.json").write_text(json.dumps({**stopped, "complete": False,
                                                                           "episodes_planned": 50}))
+    (tmp_path / "job4_suite=nope").mkdir()  # failed before its first episode: a traceback and nothing else
+    (tmp_path / "job4_suite=nope" / JOB_ERROR_FILE).write_text("ValueError: unknown suite 'nope'\n")
     with pytest.raises(SystemExit) as info:
         finish_sweep(tmp_path)
     message = str(info.value)
-    assert "3 sweep job(s) failed or did not finish" in message
+    assert "4 sweep job(s) failed or did not finish" in message
+    assert "job4_suite=nope: failed (traceback in job_error.txt): ValueError: unknown suite 'nope'" in message
     assert "job1_replan=5: failed (traceback in job_error.txt): ValueError: unknown task 99" in message
     assert "job2_replan=8: no summary.json" in message and "job3_replan=10: stopped after 3 of 50 episodes" in message
     assert [r["job"] for r in json.loads((tmp_path / "sweep.json").read_text())["jobs"]] == ["job0_replan=2"]
@@ -81,7 +84,7 @@ def test_failed_or_stopped_jobs_are_left_out_of_the_tables_and_named(tmp_path, c
     assert page.count("Left out of the sweep's tables") == 3
     # every job failing: no table of an earlier run survives to be taken for this one's
     (tmp_path / "job0_replan=2" / JOB_ERROR_FILE).write_text("ValueError: again\n")
-    with pytest.raises(SystemExit, match="4 sweep job"):
+    with pytest.raises(SystemExit, match="5 sweep job"):
         finish_sweep(tmp_path)
     assert not any((tmp_path / name).exists() for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep.png"))
     empty = tmp_path / "empty"

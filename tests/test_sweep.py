@@ -179,3 +179,25 @@ def test_joblib_jobs_start_their_own_simulator_processes(tmp_path):
     sweep(out, "hydra/launcher=joblib", "steps=1,3", "videos=none", "vectorization=async", "num_envs=1")
     js = jobs(out)
     assert len(js) == 2 and all(json.loads((j / "summary.json").read_text())["total"]["episodes"] == 1 for j in js)
+
+
+def test_job_directories_are_found_again_by_their_overrides_and_long_names_are_hashed(tmp_path):
+    """A sweep run again into its out= with its values in another order (or one more) used to run every
+    job again in new directories and list both in its tables; a long override list crashed the sweep
+    with 'File name too long'."""
+    from runners.sweep import MAX_NAME_BYTES, job_dirname
+
+    assert job_dirname(str(tmp_path / "new"), 0, "") == "job0"  # the sweep directory need not exist yet
+    for num, ov in ((0, "replan=3"), (1, "replan=5")):
+        (tmp_path / job_dirname(str(tmp_path), num, ov)).mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job0_replan=3", "job1_replan=5"]
+    # again as replan=5,8,3: the two old jobs resumed where they are, the new one after their numbers
+    assert job_dirname(str(tmp_path), 0, "replan=5") == "job1_replan=5"
+    assert job_dirname(str(tmp_path), 2, "replan=3") == "job0_replan=3"
+    assert job_dirname(str(tmp_path), 1, "replan=8") == "job3_replan=8"
+    assert job_dirname(str(tmp_path), 4, "replan=9") == "job4_replan=9"  # a free number stays
+    long = ",".join(f"perturb.kind{i}.severity=0.{i}" for i in range(40))
+    name = job_dirname(str(tmp_path), 5, long)
+    assert len(name.encode()) <= MAX_NAME_BYTES and name.startswith("job5_perturb.kind0.severity=0.0")
+    (tmp_path / name).mkdir()  # the file system takes it
+    assert job_dirname(str(tmp_path), 0, long) == name != job_dirname(str(tmp_path), 0, long + ",seed=8")
