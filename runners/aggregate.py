@@ -126,6 +126,20 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, comparisons: list[dic
     path.write_text(text, encoding="utf-8")
 
 
+def plot_series(rows: list[dict[str, Any]], axis: str) -> tuple[dict[str, list[tuple[float, dict]]], list[str]]:
+    """The plot's lines: for each combination of the settings that vary besides the axis, its (axis
+    value, row) points in axis order; and the jobs with no valid episode (every episode errored), whose
+    success is unknown, not 0%: they are named on the plot instead of drawn at the bottom."""
+    keys = [k for k in SETTINGS if k != axis and len({str(r[k]) for r in rows}) > 1]
+    series: dict[str, list[tuple[float, dict]]] = defaultdict(list)
+    for r in rows:
+        label = " / ".join(f"{k}={r[k]}" for k in keys) or "all jobs"
+        series[label].append((_num(r, axis), r))
+    for pts in series.values():
+        pts.sort(key=lambda p: p[0])
+    return dict(series), [r["job"] for r in rows if r["success_rate"] is None]
+
+
 def write_plot(rows: list[dict[str, Any]], path: Path) -> str:
     """Success (Wilson 95% CI bars) against the swept axis, one line per configuration, and the axis's
     companion metric beside it. Returns the axis."""
@@ -136,21 +150,21 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> str:
 
     axis = plot_axis(rows)
     xlabel, metric, metric_label = AXES[axis]
-    keys = [k for k in SETTINGS if k != axis and len({str(r[k]) for r in rows}) > 1]
-    series: dict[tuple, list] = defaultdict(list)
-    for r in rows:
-        series[tuple(r[k] for k in keys)].append(r)
     fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, rs in series.items():
-        rs = sorted(rs, key=lambda r: _num(r, axis))
-        x = [_num(r, axis) for r in rs]
-        label = " / ".join(f"{k}={v}" for k, v in zip(keys, key)) or "all jobs"
-        y = [100 * (r["success_rate"] or 0.0) for r in rs]
-        err = [[yy - 100 * r["ci95_low"] for yy, r in zip(y, rs)], [100 * r["ci95_high"] - yy for yy, r in zip(y, rs)]]
-        ax_s.errorbar(x, y, yerr=err, marker="o", capsize=4, label=label)
-        pts = [(xx, r[metric]) for xx, r in zip(x, rs) if r.get(metric) is not None]
-        if pts:
-            ax_m.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=label)
+    series, no_episodes = plot_series(rows, axis)
+    for label, pts in series.items():
+        ok = [(x, r) for x, r in pts if r["success_rate"] is not None]
+        if ok:
+            y = [100 * r["success_rate"] for _, r in ok]
+            err = [[yy - 100 * r["ci95_low"] for yy, (_, r) in zip(y, ok)],
+                   [100 * r["ci95_high"] - yy for yy, (_, r) in zip(y, ok)]]
+            ax_s.errorbar([x for x, _ in ok], y, yerr=err, marker="o", capsize=4, label=label)
+        m = [(x, r[metric]) for x, r in pts if r.get(metric) is not None]
+        if m:
+            ax_m.plot([a for a, _ in m], [b for _, b in m], marker="o", label=label)
+    if no_episodes:
+        ax_s.text(0.01, 0.01, "no valid episode (left out): " + ", ".join(no_episodes), transform=ax_s.transAxes,
+                  fontsize=7, color="crimson", va="bottom")
     xs = sorted({_num(r, axis) for r in rows})
     for ax in (ax_s, ax_m):
         ax.set_xlabel(xlabel)
@@ -163,7 +177,8 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> str:
     ax_s.set_ylabel("success % (95% Wilson CI)")
     ax_s.set_ylim(-2, 102)
     ax_m.set_ylabel(metric_label)
-    ax_s.legend(fontsize=7)
+    if ax_s.get_legend_handles_labels()[0]:
+        ax_s.legend(fontsize=7)
     ax_s.set_title(f"Success vs {xlabel.split(',')[0].split(' (')[0]}")
     ax_m.set_title(metric_label.split(" (")[0].split(",")[0])
     fig.tight_layout()

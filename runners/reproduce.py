@@ -36,13 +36,24 @@ DROP = 0.02  # the drop whose detection power is reported
 
 
 def load_published(path: str | Path = PUBLISHED) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data.get("tables"), dict) or not data["tables"]:
-        raise ValueError(f"{path}: no 'tables' of published results (see {PUBLISHED} for the format)")
+    """A JSON file of published tables, checked: a table file of one's own is hand-written."""
+    fmt = f"(see {PUBLISHED} for the format)"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read a JSON table file ({exc}) {fmt}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tables"), dict) or not data["tables"]:
+        raise ValueError(f"{path}: no 'tables' of published results {fmt}")
     for name, table in data["tables"].items():
-        rates = table.get("success")
-        if not isinstance(rates, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in rates.values()):
-            raise ValueError(f"{path}: table {name!r} needs 'success': {{suite: rate in [0, 1]}}")
+        rates = table.get("success") if isinstance(table, dict) else None
+        if not isinstance(rates, dict) or not rates or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in rates.values()):
+            raise ValueError(f"{path}: table {name!r} needs 'success': {{suite: rate in [0, 1]}} {fmt}")
+        per_task = table.get("episodes_per_task", 1)
+        if not isinstance(per_task, int) or isinstance(per_task, bool) or per_task < 1:
+            raise ValueError(f"{path}: table {name!r}: episodes_per_task must be a whole number >= 1, got {per_task!r}")
+    if not isinstance(data.get("protocol") or {}, dict):
+        raise ValueError(f"{path}: 'protocol' must be an object of settings {fmt}")
     return data
 
 

@@ -91,3 +91,27 @@ def test_failed_or_stopped_jobs_are_left_out_of_the_tables_and_named(tmp_path, c
     empty.mkdir()
     with pytest.raises(SystemExit, match="no sweep jobs"):
         finish_sweep(empty)
+
+
+def test_a_job_with_no_valid_episode_is_named_on_the_plot_not_drawn_at_zero(tmp_path, monkeypatch):
+    """Every episode of a job errored (a crashing simulator): its success is unknown, and the plot drew
+    it as 0% with a full-height bar, indistinguishable from a policy that always fails."""
+    from matplotlib.axes import Axes
+
+    from runners.aggregate import plot_series
+
+    for i, steps in enumerate((1, 3, 10)):
+        _job(tmp_path, f"job{i}", {"steps": steps}, successes=(1, 1, 0))
+    summary = json.loads((tmp_path / "job2" / "summary.json").read_text())
+    summary.update(summarize([{"suite": "libero_spatial", "task_id": 0, "success": False, "error": "MujocoException",
+                               "latencies_ms": []}] * 3))
+    (tmp_path / "job2" / "summary.json").write_text(json.dumps(summary))
+    drawn = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, *a, **k: (drawn.append((list(x), list(y))),
+                                                                       real(self, x, y, *a, **k))[1])
+    rows = write_aggregate(tmp_path)
+    assert drawn == [([1.0, 3.0], [pytest.approx(200 / 3), pytest.approx(200 / 3)])]
+    series, no_episodes = plot_series(rows, "steps")
+    assert no_episodes == ["job2"] and [x for x, _ in series["all jobs"]] == [1.0, 3.0, 10.0]
+    assert "| job2 |" in (tmp_path / "sweep.md").read_text()  # the table still lists it, with its errors

@@ -91,3 +91,21 @@ def test_protocol_check_names_perturbations_blind_cameras_subsets_seeds_and_late
     cli = subprocess.run([sys.executable, "-m", "runners.reproduce", str(broken)], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert cli.returncode == 2 and "not in the expected form" in cli.stderr and "Traceback" not in cli.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "no 'tables'"),  # a list at the top: it failed with AttributeError: 'list' object has no attribute 'get'
+    ('{"tables": {"t": [0.9]}}', "table 't' needs 'success'"),
+    ('{"tables": {"t": {"success": {"libero_spatial": true}}}}', "table 't' needs 'success'"),
+    ('{"tables": {"t": {"success": {"libero_spatial": 0.9}, "episodes_per_task": 0}}}', "episodes_per_task"),
+    ('{"tables": {"t": {"success": {"libero_spatial": 0.9}}}, "protocol": [1]}', "'protocol' must be an object"),
+    ("{not json", "cannot read a JSON table file"),
+])
+def test_a_malformed_table_file_is_refused_with_what_is_wrong(tmp_path, content, message):
+    from runners.reproduce import load_published
+
+    bad = tmp_path / "mine.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_published(bad)
+    assert str(bad) in str(info.value)
