@@ -21,7 +21,7 @@ from policy.backends.rtc import Guide, prefix_weights
 from policy.base import batch_size
 from policy.pi05.checkpoints import checkpoint_identity, is_lerobot_checkpoint, load_model, resolve_checkpoint
 from policy.pi05.config import get_config
-from policy.pi05.tokenizer import PaligemmaTokenizer, default_tokenizer_path
+from policy.pi05.tokenizer import TOKENIZER_HELP, PaligemmaTokenizer, default_tokenizer_path
 from policy.pi05.transforms import LIBERO_ACTION_DIM, LIBERO_STATE_DIM, NormStats, find_norm_stats, to_libero_actions, to_model_images
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class Pi05Policy:
             self.tokenizer = PaligemmaTokenizer.stand_in(max_len=cfg.max_token_len)
         else:
             self.tokenizer = PaligemmaTokenizer(tokenizer, max_len=cfg.max_token_len)
+        if self.tokenizer.vocab_size > cfg.vocab_size:  # its ids would index past the embedding table
+            raise ValueError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} pieces, more than the "
+                             f"model's {cfg.vocab_size} token embeddings: it is not PaliGemma's tokenizer. {TOKENIZER_HELP}")
         if norm_stats is not None:
             self.norm_stats = NormStats.load(norm_stats)
         elif random_weights:

@@ -61,6 +61,20 @@ def test_libero_images_go_to_the_first_two_slots_and_the_third_is_masked():
     assert s[0].shape == (2, 3, 224, 224) and (s[0][:, :, :10] == -1).all()  # black padding bars
 
 
+@pytest.mark.parametrize("image, wrist, message", [
+    ((224, 224, 3), (1, 224, 224, 3), r"got shape \(224, 224, 3\): add the batch axis"),
+    ((1, 3, 224, 224), (1, 224, 224, 3), r"RGB images \(B, H, W, 3\), got shape \(1, 3, 224, 224\)"),
+    ((2, 224, 224, 3), (1, 224, 224, 3), "holds 2 images and batch\\['wrist_image'\\] 1"),
+    ((1, 0, 224, 3), (1, 224, 224, 3), "got shape"),
+])
+def test_images_of_the_wrong_shape_are_refused_by_name(image, wrist, message):
+    """A channels-first or unbatched image was resized into a wrong picture (or failed deep in the
+    resize) and the model acted on it."""
+    batch = {"image": np.zeros(image, np.uint8), "wrist_image": np.zeros(wrist, np.uint8)}
+    with pytest.raises(ValueError, match=message):
+        to_model_images(batch)
+
+
 def test_quantile_unnormalization_of_the_first_seven_dims(golden_dir):
     stats = NormStats.load(find_norm_stats(golden_dir / "tiny_openpi_jax"))
     raw = json.loads((golden_dir / "tiny_openpi_jax/assets/physical-intelligence/libero/norm_stats.json").read_text())
@@ -175,6 +189,15 @@ def test_policy_checks_everything_before_loading_weights(tiny_checkpoint, spm_to
         Pi05Policy(tmp_path / "nope", spm_tokenizer, config="tiny")
     with pytest.raises(FileNotFoundError, match="paligemma_tokenizer"):
         Pi05Policy(tiny_checkpoint, tmp_path / "nope.model", config="tiny")
+    garbage = tmp_path / "tokenizer.model"  # e.g. an HTML error page saved under the tokenizer's name
+    garbage.write_bytes(b"<html>403 Forbidden</html>")
+    with pytest.raises(ValueError, match=f"tokenizer file {garbage} is not a SentencePiece model"):
+        Pi05Policy(tiny_checkpoint, garbage, config="tiny")
+    from policy.pi05.config import get_config
+
+    small = get_config("tiny").replace(vocab_size=100)  # fewer embeddings than the tokenizer's 180 pieces
+    with pytest.raises(ValueError, match="has 180 pieces, more than the model's 100 token embeddings"):
+        Pi05Policy(tiny_checkpoint, spm_tokenizer, config=small)
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(tiny_checkpoint / "model.safetensors", bare / "model.safetensors")

@@ -84,7 +84,15 @@ class PaligemmaTokenizer:
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file {p} not found. {TOKENIZER_HELP}")
         self.path = p
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(p))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(p))
+        except (RuntimeError, OSError) as exc:  # sentencepiece names neither the file nor the way out
+            raise ValueError(f"tokenizer file {p} is not a SentencePiece model ({str(exc).strip()[:200]}). "
+                             f"{TOKENIZER_HELP}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.GetPieceSize())
 
     @classmethod
     def stand_in(cls, max_len: int = 200) -> "PaligemmaTokenizer":

@@ -116,6 +116,13 @@ def to_model_images(batch: dict, size: int = 224) -> tuple[list[np.ndarray], lis
         imgs = np.asarray(batch[key])
         if imgs.dtype != np.uint8:
             raise ValueError(f"batch[{key!r}] must be uint8 (B, H, W, 3), got {imgs.dtype}")
+        # An image without its batch axis, or channels first, would be resized into nonsense without a word.
+        if imgs.ndim != 4 or imgs.shape[-1] != 3 or 0 in imgs.shape:
+            raise ValueError(f"batch[{key!r}] must be RGB images (B, H, W, 3), got shape {imgs.shape}"
+                             + (": add the batch axis (image[None])" if imgs.ndim == 3 else ""))
+        if slots and len(imgs) != len(slots[0]):
+            raise ValueError(f"batch['image'] holds {len(slots[0])} images and batch[{key!r}] {len(imgs)}: "
+                             "one of each per observation")
         if imgs.shape[1:3] != (size, size):
             imgs = np.stack([resize_with_pad(im, size, size) for im in imgs])
         slots.append(imgs.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 * 2.0 - 1.0)  # NHWC -> NCHW
