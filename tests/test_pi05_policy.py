@@ -350,3 +350,20 @@ def test_noise_follows_the_episode_and_step_not_the_batch(tiny_checkpoint, spm_t
     moved = policy.infer(later)["actions"]
     np.testing.assert_allclose(moved[0], both[0], atol=1e-5)
     assert not np.allclose(moved[1], both[1])  # another step of the same episode: other noise
+
+
+def test_a_checkpoints_action_horizon_is_used_and_checked(tiny_checkpoint, tmp_path):
+    """config.json's action_horizon sets the chunk size; `true` passed as 1 (a bool is an int) and 0 or
+    a negative one made a model that predicts no actions."""
+    from policy.pi05.checkpoints import load_model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "config.json").write_text(json.dumps({"action_horizon": 7}))
+    assert load_model(ckpt, "tiny", dtype="float32").config.chunk_size == 7
+    for bad in (True, 0, -5, "10", 10**6):
+        (ckpt / "config.json").write_text(json.dumps({"action_horizon": bad}))
+        with pytest.raises(ValueError, match=f"{ckpt / 'config.json'}: action_horizon must be a whole number"):
+            load_model(ckpt, "tiny", dtype="float32")
+    (ckpt / "config.json").write_text(json.dumps(["not", "openpi's"]))  # someone else's file: the preset stands
+    assert load_model(ckpt, "tiny", dtype="float32").config.chunk_size == 10

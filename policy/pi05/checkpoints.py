@@ -89,6 +89,9 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     return p
 
 
+MAX_ACTION_HORIZON = 1000  # openpi's models predict 10 to 50 actions a call
+
+
 def checkpoint_config(ckpt_dir: Path, cfg: Pi05Config) -> Pi05Config:
     """openpi's converter writes config.json; the action horizon is not visible in the weights."""
     path = ckpt_dir / "config.json"
@@ -96,10 +99,16 @@ def checkpoint_config(ckpt_dir: Path, cfg: Pi05Config) -> Pi05Config:
         return cfg
     try:
         meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("cannot read %s (%s): using the config's action horizon %d", path, exc, cfg.chunk_size)
         return cfg
-    horizon = meta.get("action_horizon")
-    if isinstance(horizon, int) and horizon != cfg.chunk_size:
+    horizon = meta.get("action_horizon") if isinstance(meta, dict) else None
+    if horizon is None:
+        return cfg
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= MAX_ACTION_HORIZON:
+        raise ValueError(f"{path}: action_horizon must be a whole number of actions in 1..{MAX_ACTION_HORIZON}, "
+                         f"got {horizon!r}: fix or delete the file (openpi's converter writes the model's horizon)")
+    if horizon != cfg.chunk_size:
         log.warning("checkpoint config.json says action_horizon=%d; using it instead of %d", horizon, cfg.chunk_size)
         cfg = cfg.replace(chunk_size=horizon)
     return cfg
