@@ -145,10 +145,14 @@ class RemotePolicy:
                                   f"with `python -m runners.serve ...` or point host=/port= at yours") from None
         self._clients.append(first)
         self.metadata = first.metadata if isinstance(first.metadata, dict) else {}
-        self.chunk_size = self.metadata.get("chunk_size")
+        chunk = self.metadata.get("chunk_size")
+        self.chunk_size = chunk if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1 else None
         # What the server says it runs (our runners.serve sends `identity`: checkpoint, steps, backend);
-        # a server that says nothing is identified by its whole metadata.
-        self.identity = self.metadata.get("identity") or {"server_metadata": _plain(self.metadata)}
+        # a server that says nothing (or something else than a dict) is identified by its whole metadata.
+        identity = self.metadata.get("identity")
+        self.identity = identity if isinstance(identity, dict) and identity else {"server_metadata": _plain(self.metadata)}
+        extensions = self.metadata.get("extensions")
+        self.extensions = {e for e in extensions if isinstance(e, str)} if isinstance(extensions, (list, tuple)) else set()
         self.num_steps = self.identity.get("num_steps", self.metadata.get("steps"))
         self.backend = self.identity.get("backend", self.metadata.get("backend"))
 
@@ -177,7 +181,10 @@ class RemotePolicy:
         conn = None
         try:
             conn = used[i] = self._client(i, deadline)
-            return np.asarray(conn.infer(obs, deadline)["actions"]), None
+            reply = conn.infer(obs, deadline)
+            if isinstance(reply.get("error"), str):  # the server's policy failed this row (runners/server.py)
+                return None, RuntimeError(f"the server's policy: {reply['error']}")
+            return np.asarray(reply["actions"]), None
         except Exception as exc:  # this row failed (error reply, lost connection, timeout): reconnect next time
             self._drop(i, conn)
             if isinstance(exc, TimeoutError):
@@ -192,7 +199,7 @@ class RemotePolicy:
         n = batch_size(batch)
         deadline = time.monotonic() + self.timeout_s
         used: dict[int, _Connection] = {}
-        ext = "episode_step" in (self.metadata.get("extensions") or ())
+        ext = "episode_step" in self.extensions
         futures = [self._pool.submit(self._one, i, to_openpi_observation(batch, i, ext), deadline, used)
                    for i in range(n)]
         # recv and connect honour the deadline themselves; a send to a server that stopped reading
@@ -210,6 +217,10 @@ class RemotePolicy:
         if not good:
             raise results[0][1]
         shape = good[0].shape
+        for i, (a, _) in enumerate(results):  # a server must not answer rows of one batch in different shapes
+            if a is not None and a.shape != shape:
+                results[i] = (None, RuntimeError(f"the server replied with actions of shape {a.shape}, another "
+                                                 f"row of the batch with {shape}"))
         return {"actions": np.stack([a if a is not None else np.full(shape, np.nan) for a, _ in results]),
                 "errors": [None if e is None else f"{type(e).__name__}: {e}" for _, e in results]}
 

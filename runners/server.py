@@ -349,8 +349,10 @@ class PolicyServer:
             timing = {"infer_ms": ms}
         # only numbers: whatever else a policy put there might not pack
         timing = {str(k): float(v) for k, v in timing.items() if type(v) in (int, float) or isinstance(v, np.number)}
+        # A row the policy failed (a remote policy behind this server timed out, NaN actions) is sent as
+        # it is, like openpi; its `error` says why (openpi-client ignores the key, policy=remote reads it).
         return [{"actions": actions[i].astype(np.float32), "policy_timing": dict(timing),
-                 "server_timing": {"infer_ms": ms}} for i in range(n)]
+                 "server_timing": {"infer_ms": ms}, **({"error": errors[i]} if errors[i] else {})} for i in range(n)]
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         live = [r for r in batch if not r.result.done()]  # cancelled: the client left while queued

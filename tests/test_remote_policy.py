@@ -29,8 +29,9 @@ class SlowServer:
     """An openpi-protocol websocket server on 127.0.0.1 that sends its metadata, then answers only
     observations whose prompt does not start with 'hang' (those it never answers), unless `mute`."""
 
-    def __init__(self, mute=False):
+    def __init__(self, mute=False, metadata=None):
         self.mute = mute
+        self.metadata = {"chunk_size": 10} if metadata is None else metadata
         self.connections = 0
         self.port = None
         self._ready = threading.Event()
@@ -39,7 +40,7 @@ class SlowServer:
 
     async def _handle(self, ws):
         self.connections += 1
-        await ws.send(msgpack_numpy.packb({"chunk_size": 10}))
+        await ws.send(msgpack_numpy.packb(self.metadata))
         async for message in ws:
             obs = msgpack_numpy.unpackb(message)
             if self.mute or obs["prompt"].startswith("hang"):
@@ -182,3 +183,16 @@ def test_an_observation_over_the_servers_limit_is_a_clear_row_error():
 def test_timeout_s_must_be_positive():
     with pytest.raises(ValueError, match="timeout_s"):
         RemotePolicy("127.0.0.1", free_port(), timeout_s=0)
+
+
+@pytest.mark.parametrize("metadata", [{"identity": "pi05", "extensions": 5, "chunk_size": True},
+                                      {"identity": ["a"], "extensions": "episode_step", "chunk_size": -3},
+                                      ["not", "a", "dict"]])
+def test_a_servers_odd_metadata_does_not_break_the_client(metadata):
+    """A server whose metadata said identity='pi05' or extensions=5 crashed the client (AttributeError,
+    TypeError) before its first call; it is now identified by its whole metadata and spoken to plainly."""
+    with SlowServer(metadata=metadata) as srv:
+        policy = RemotePolicy("127.0.0.1", srv.port, timeout_s=5)
+        assert "server_metadata" in policy.identity and policy.extensions == set() and policy.chunk_size is None
+        out = policy.infer(batch(2))
+        assert out["actions"].shape == (2, 10, 7) and out["errors"] == [None, None]

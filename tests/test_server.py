@@ -399,6 +399,9 @@ class _Misbehaving(ZeroPolicy):
             return {"actions": np.zeros((5, 3))}
         if how == "strings":
             return {"actions": np.full(good["actions"].shape, "x")}
+        if how == "nan-row":  # as policy=remote does when a row timed out behind this server
+            return {**good, "actions": np.full(good["actions"].shape, np.nan),
+                    "errors": ["TimeoutError: no reply from ws://upstream:8000"] * len(batch["prompt"])}
         if how == "bad-timing":
             return {**good, "policy_timing": "junk"}
         if how == "odd-timing":
@@ -426,6 +429,27 @@ def test_unusable_policy_timing_is_replaced_not_fatal(how):
         reply = msgpack_numpy.unpackb(_raw_recv_reply(ws, msgpack_numpy.packb(observation(prompt=f"bad:{how}"))))
         assert reply["actions"].shape == (10, 7)
         assert all(isinstance(v, float) for v in reply["policy_timing"].values())
+
+
+def test_a_row_the_policy_failed_is_sent_with_its_error_and_remote_policy_reports_it():
+    """A row with NaN actions is sent as it is (openpi's way), but the server dropped the policy's own
+    message for it: a client of a chained server saw 'NaN actions' instead of the upstream timeout."""
+    from policy.remote import RemotePolicy
+
+    with Running(_Misbehaving()) as server:
+        ws = _raw(server.port)
+        reply = msgpack_numpy.unpackb(_raw_recv_reply(ws, msgpack_numpy.packb(observation(prompt="bad:nan-row"))))
+        assert np.isnan(reply["actions"]).all() and reply["error"] == "TimeoutError: no reply from ws://upstream:8000"
+        ok = msgpack_numpy.unpackb(_raw_recv_reply(ws, msgpack_numpy.packb(observation())))
+        assert "error" not in ok and np.isfinite(ok["actions"]).all()
+        remote = RemotePolicy("127.0.0.1", server.port, timeout_s=30)
+        rng = np.random.default_rng(0)
+        two = {"image": rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8),
+               "wrist_image": rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8),
+               "state": np.zeros((2, 8), np.float32), "prompt": ["bad:nan-row", "pick up the bowl"]}
+        out = remote.infer(two)
+        assert np.isnan(out["actions"][0]).all() and np.isfinite(out["actions"][1]).all()
+        assert "upstream:8000" in out["errors"][0] and out["errors"][1] is None
 
 
 def test_sigterm_still_exits_after_a_policy_returned_a_non_dict():
