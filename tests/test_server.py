@@ -436,7 +436,7 @@ def test_a_row_the_policy_failed_is_sent_with_its_error_and_remote_policy_report
     message for it: a client of a chained server saw 'NaN actions' instead of the upstream timeout."""
     from policy.remote import RemotePolicy
 
-    with Running(_Misbehaving()) as server:
+    with Running(_Misbehaving(), max_batch=1) as server:  # _Misbehaving fails a whole batch: one row each
         ws = _raw(server.port)
         reply = msgpack_numpy.unpackb(_raw_recv_reply(ws, msgpack_numpy.packb(observation(prompt="bad:nan-row"))))
         assert np.isnan(reply["actions"]).all() and reply["error"] == "TimeoutError: no reply from ws://upstream:8000"
