@@ -243,9 +243,7 @@ def sweep_runs(root: str | os.PathLike) -> tuple[list[Path], dict[Path, str]]:
     current, left_out = [], {}
     # A job that failed before its first episode (an unknown suite, a missing checkpoint) has only its
     # traceback: it must still be named, and fail the sweep.
-    failed_early = {p.parent for p in Path(root).rglob(JOB_ERROR_FILE)
-                    if not any(part.startswith(".") for part in p.relative_to(root).parts)}
-    for run in sorted(set(find_runs(root)) | failed_early):
+    for run in sorted(_dirs_holding(root, RESULTS_FILE) | _dirs_holding(root, JOB_ERROR_FILE)):
         if run == Path(root):
             continue
         why = not_current(run)
@@ -260,12 +258,13 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     """Every evaluation directory at or under `root` (a directory holding results.jsonl). Hidden
     folders *inside* root (.hydra, .submitit) are skipped; root itself may live anywhere (../run,
     ~/.cache/...)."""
+    return sorted(_dirs_holding(root, RESULTS_FILE))
+
+
+def _dirs_holding(root: str | os.PathLike, name: str) -> set[Path]:
+    """The directories at or under root that hold a file `name`, outside hidden folders inside root."""
     root = Path(root)
-    dirs = set()
-    for p in root.rglob(RESULTS_FILE):
-        if not any(part.startswith(".") for part in p.relative_to(root).parts):
-            dirs.add(p.parent)
-    return sorted(dirs)
+    return {p.parent for p in root.rglob(name) if not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 # ----- summaries -----------------------------------------------------------------------------------------

@@ -44,16 +44,16 @@ def job_dirname(sweep_dir: str, num: int, overrides: str) -> str:
         digest = hashlib.sha256(overrides.encode()).hexdigest()[:10]
         suffix = f"_{overrides.encode()[:MAX_NAME_BYTES - 40].decode(errors='ignore')}...{digest}"
     root = Path(sweep_dir)
-    numbers: dict[int, str] = {}
+    numbers: set[int] = set()
     if root.is_dir():
         for d in root.iterdir():
             m = re.fullmatch(r"job(\d+)(_.*)?", d.name)
             if m and d.is_dir():
                 if (m.group(2) or "") == suffix:
                     return d.name  # this job's directory from an earlier sweep
-                numbers[int(m.group(1))] = m.group(2) or ""
-    if int(num) in numbers:
-        num = max(numbers) + 1 + int(num)
+                numbers.add(int(m.group(1)))
+    if num in numbers:
+        num = max(numbers) + 1 + num
     return f"job{num}{suffix}"
 
 
